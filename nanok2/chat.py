@@ -47,12 +47,12 @@ class Piece(NamedTuple):
     trained: bool = False
 
 
+_MISSING = object()  # a key the message does not have (Jinja's Undefined)
+
+
 def _jinja_text(value) -> str:
     # Jinja prints a missing key as "" and anything else with str(): None -> "None", True -> "True".
     return "" if value is _MISSING else str(value)
-
-
-_MISSING = object()
 
 
 def _content_pieces(message: dict, trained: bool) -> list[Piece]:
@@ -82,8 +82,8 @@ def _header(message: dict) -> list[Piece]:
     return [Piece(opener, True), Piece(_jinja_text(message.get("name") or role), False), Piece("<|im_middle|>", True)]
 
 
-def _tool_call_pieces(message: dict) -> list[Piece]:
-    pieces = [Piece("<|tool_calls_section_begin|>", True, True)]
+def _tool_call_pieces(message: dict, trained: bool) -> list[Piece]:
+    pieces = [Piece("<|tool_calls_section_begin|>", True, trained)]
     for call in message["tool_calls"]:
         try:
             arguments = call["function"]["arguments"]
@@ -92,10 +92,11 @@ def _tool_call_pieces(message: dict) -> list[Piece]:
         if not isinstance(arguments, str):
             # transformers' `tojson`: non-ASCII kept, keys in the caller's order, ", " and ": " separators.
             arguments = json.dumps(arguments, ensure_ascii=False)
-        pieces += [Piece("<|tool_call_begin|>", True, True), Piece(_jinja_text(call.get("id", _MISSING)), False, True),
-                   Piece("<|tool_call_argument_begin|>", True, True), Piece(arguments, False, True),
-                   Piece("<|tool_call_end|>", True, True)]
-    return pieces + [Piece("<|tool_calls_section_end|>", True, True)]
+        pieces += [Piece("<|tool_call_begin|>", True, trained),
+                   Piece(_jinja_text(call.get("id", _MISSING)), False, trained),
+                   Piece("<|tool_call_argument_begin|>", True, trained), Piece(arguments, False, trained),
+                   Piece("<|tool_call_end|>", True, trained)]
+    return pieces + [Piece("<|tool_calls_section_end|>", True, trained)]
 
 
 def _message_pieces(message: dict, keep_reasoning: bool) -> list[Piece]:
@@ -109,7 +110,7 @@ def _message_pieces(message: dict, keep_reasoning: bool) -> list[Piece]:
         pieces += [Piece("<think>", True, trained), Piece(reasoning, False, trained), Piece("</think>", True, trained)]
         pieces += _content_pieces(message, trained)
         if message.get("tool_calls"):
-            pieces += _tool_call_pieces(message)
+            pieces += _tool_call_pieces(message, trained)
         return pieces + [Piece("<|im_end|>", True, trained)]
     if role == "tool":
         pieces.append(Piece(f"## Return of {_jinja_text(message.get('tool_call_id', _MISSING))}\n", False))
@@ -178,8 +179,9 @@ def render_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None,
     it spells `<|im_end|>`. Otherwise the ids equal `tokenizer.encode(text, allowed_special="all")`.
     """
     split = None
-    if not add_generation_prompt and messages and messages[-1].get("role") == "assistant" \
-            and not messages[-1].get("tool_calls"):
+    last = messages[-1] if messages else None
+    if not add_generation_prompt and isinstance(last, dict) and last.get("role") == "assistant" \
+            and not last.get("tool_calls"):
         split = _last_final_answer(messages[:-1])
     pieces = render_pieces(messages, tools, add_generation_prompt, system_prompt, keep_reasoning_after=split)
     ids: list[int] = []
@@ -204,6 +206,6 @@ def render_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None,
 
 @cache
 def own_chat_template() -> str:
-    """nanok2's own Jinja chat template (nanok2/data/chat_template.jinja), written into the
+    """nanok2's own Jinja chat template (nanok2/templates/chat_template.jinja), written into the
     `tokenizer_config.json` of exported checkpoints; it renders like `render`."""
-    return resources.files("nanok2").joinpath("data/chat_template.jinja").read_text(encoding="utf-8")
+    return resources.files("nanok2").joinpath("templates/chat_template.jinja").read_text(encoding="utf-8")

@@ -31,12 +31,21 @@ CALL_BEGIN, ARG_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_b
 # Markers as the model writes them -> their meaning. vLLM also accepts the singular section spelling.
 _MARKERS = {m: m for m in (THINK_BEGIN, THINK_END, IM_END, SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARG_BEGIN, CALL_END)}
 _MARKERS |= {"<|tool_call_section_begin|>": SECTION_BEGIN, "<|tool_call_section_end|>": SECTION_END}
-# The shape of a well-formed id: `functions.NAME:INDEX` (the `functions.` prefix is optional for vLLM).
+_MARKER_RE = re.compile("|".join(map(re.escape, _MARKERS)))
 _LONGEST_MARKER = max(map(len, _MARKERS))
+# The shape of a well-formed id: `functions.NAME:INDEX` (the `functions.` prefix is optional for vLLM).
 _ID_SHAPE = re.compile(r"(?:[\w.-]*\.)?[\w-]+:\d+")
 
 # Parser states: where the next text goes.
 REASONING, CONTENT, SECTION, CALL_ID, CALL_ARGS, AFTER_SECTION, ENDED = range(7)
+
+
+def _partial_marker_start(text: str, pos: int) -> int:
+    """Where, at or after `pos`, a tail of `text` begins that is the start of some marker (len(text) if none)."""
+    for i in range(max(pos, len(text) - _LONGEST_MARKER + 1), len(text)):
+        if text[i] == "<" and any(m.startswith(text[i:]) for m in _MARKERS):
+            return i
+    return len(text)
 
 
 @dataclass(frozen=True)
@@ -84,22 +93,15 @@ class StreamParser:
         events: list[Event] = []
         text = self._pending + delta
         base = self._at - len(self._pending)  # stream offset of text[0]
-        pos = scan = 0                        # text[pos:] is not handled yet; no marker starts in text[pos:scan]
-        while (lt := text.find("<", scan)) != -1:
-            marker = next((m for m in _MARKERS if text.startswith(m, lt)), None)
-            if marker is None:
-                if len(text) - lt < _LONGEST_MARKER and any(m.startswith(text[lt:]) for m in _MARKERS):
-                    break  # the tail may still grow into a marker: hold it back
-                scan = lt + 1
-                continue
-            self._text(text[pos:lt], base + pos, events)
-            self._at = base + lt
-            self._marker(marker, events)
-            pos = scan = lt + len(marker)
-        else:
-            lt = len(text)
-        self._text(text[pos:lt], base + pos, events)
-        self._pending = text[lt:]
+        pos = 0                               # text[pos:] is not handled yet
+        while found := _MARKER_RE.search(text, pos):
+            self._text(text[pos:found.start()], base + pos, events)
+            self._at = base + found.start()
+            self._marker(found.group(), events)
+            pos = found.end()
+        hold = _partial_marker_start(text, pos)  # a tail that may still grow into a marker waits
+        self._text(text[pos:hold], base + pos, events)
+        self._pending = text[hold:]
         self._at = base + len(text)
         return events
 

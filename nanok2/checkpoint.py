@@ -212,6 +212,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()
 
     quant = raw_config.get("quantization_config")
     if quant:
@@ -242,7 +243,9 @@ def copy_tensors(model: torch.nn.Module, files: dict[str, Path], strict: bool = 
                 continue
             slot = model_slot(params, name)
             if slot is None:
-                unexpected.append(name)
+                # transformers writes empty [0, D] shared-expert tensors when n_shared_experts = 0
+                if 0 not in handle.get_slice(name).get_shape():
+                    unexpected.append(name)
                 continue
             try:
                 t = handle.get_tensor(name)

@@ -16,6 +16,11 @@ from nanok2.errors import NanoK2Error
 COMMAND_MODULES = [
     "nanok2.info",          # info
     "nanok2.bench",         # bench moe-scaling | decode | quant | optim
+    "nanok2.world.cli",  # world build | tasks
+    "nanok2.tokenizer",  # tokenizer train
+    "nanok2.train",  # train
+    "nanok2.data",  # data tokenize
+    "nanok2.cost",  # cost
 ]
 
 

@@ -244,6 +244,7 @@ _TINY = dict(
     first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
     moe_intermediate_size=32, n_group=1, topk_group=1, routed_scaling_factor=2.5,
     rope_theta=10000.0, max_position_embeddings=4096, rope_scaling=None, bos_token_id=None, eos_token_id=None,
+    model_type="deepseek_v3",   # nanok2's own models: the name transformers loads natively (kimi_k2 needs remote code)
 )
 
 # Named configurations. Values for the Kimi models are their published config.json; see k2-facts.md.
@@ -276,6 +277,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         v_head_dim=64, first_k_dense_replace=1, n_routed_experts=64, num_experts_per_tok=8, n_shared_experts=1,
         moe_intermediate_size=512, n_group=1, topk_group=1, routed_scaling_factor=2.827, rope_theta=50000.0,
         max_position_embeddings=8192, rope_scaling=None, bos_token_id=None, eos_token_id=None,
+        model_type="deepseek_v3",
     ),
     # A few-MB model for tests; `tiny-yarn` / `tiny-grouped` / `tiny-noqlora` cover the other code paths.
     "tiny": _TINY,

@@ -203,10 +203,14 @@ class Transformer(nn.Module):
         self.args = args
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         # a plain attribute, not a buffer: `model.to(bfloat16)` must not round the frequencies
         self.inv_freq, self.rope_factor = rope_inv_freq(args)
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the embeddings when the config says so (again after `to_empty`, which unties)."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def rope(self, positions: torch.Tensor):
         """positions [B, T] -> cos, sin [B, T, dr/2] in fp32."""

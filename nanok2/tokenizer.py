@@ -116,7 +116,8 @@ def _check_ranks(ranks: dict[bytes, int], where: str) -> None:
         raise NanoK2Error(f"{where}: ranks must be 0..{len(ranks) - 1} with no gap or repeat")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise NanoK2Error(f"{where}: byte-level vocabulary lacks {len(missing)} single bytes, e.g. {bytes(missing[:4])!r}")
+        raise NanoK2Error(f"{where}: byte-level vocabulary lacks {len(missing)} single bytes, "
+                          f"e.g. {bytes(missing[:4])!r}")
 
 
 def _chunks(text: str) -> Iterator[str]:
@@ -149,7 +150,7 @@ class Tokenizer:
         self.base_size = len(ranks)
         self.special_tokens = special_tokens(self.base_size)
         self.n_vocab = self.base_size + NUM_SPECIAL_SLOTS
-        self._ranks = ranks
+        self.ranks = ranks  # token bytes -> rank, as in the file
         self._enc = tiktoken.Encoding(name=name, pat_str=K2_PATTERN, mergeable_ranks=ranks,
                                       special_tokens=self.special_tokens)
 
@@ -164,7 +165,7 @@ class Tokenizer:
         """Write `tiktoken.model` and `tokenizer_config.json` (special tokens, chat template) to a directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_tiktoken_model(self._ranks, directory / "tiktoken.model")
+        write_tiktoken_model(self.ranks, directory / "tiktoken.model")
         config = tokenizer_config(self.special_tokens, chat_template)
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                           encoding="utf-8")
@@ -177,7 +178,8 @@ class Tokenizer:
             allowed = set(allowed_special)
             unknown = allowed - self.special_tokens.keys()
             if unknown:
-                raise NanoK2Error(f"unknown special token(s) {sorted(unknown)}; known: {', '.join(SPECIAL_SLOTS.values())}")
+                raise NanoK2Error(f"unknown special token(s) {sorted(unknown)}; "
+                                  f"known: {', '.join(SPECIAL_SLOTS.values())}")
         ids: list[int] = []
         for chunk in _chunks(text):
             ids.extend(self._enc.encode(chunk, allowed_special=allowed, disallowed_special=()))
@@ -209,14 +211,14 @@ class Tokenizer:
 def tokenizer_config(specials: dict[str, int], chat_template: str | None) -> dict:
     """The `tokenizer_config.json` K2 ships, for these special tokens: what transformers, vLLM and
     SGLang read beside `tiktoken.model` (the named tokens, BOS/EOS/PAD/UNK, the chat template)."""
-    named = set(SPECIAL_SLOTS.values())
+    roles = {"[BOS]", "[EOS]", "[UNK]", "[PAD]"}  # these have their own keys below
     config = {
         "added_tokens_decoder": {
             str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
                      "single_word": False, "special": True}
             for name, i in specials.items()
         },
-        "additional_special_tokens": [n for n in specials if n in named and n not in ("[BOS]", "[EOS]", "[UNK]", "[PAD]")],
+        "additional_special_tokens": [n for n in SPECIAL_SLOTS.values() if n not in roles],
         "bos_token": "[BOS]",
         "eos_token": "[EOS]",
         "pad_token": "[PAD]",

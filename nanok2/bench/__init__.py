@@ -6,6 +6,7 @@ import importlib
 
 BENCH_MODULES = [
     "nanok2.bench.moe_scaling",   # bench moe-scaling
+    "nanok2.bench.optim",         # bench optim
 ]
 
 

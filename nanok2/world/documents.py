@@ -8,6 +8,7 @@ task may need is kept as evidence, so the task generator can check that the fact
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -114,13 +115,16 @@ class Trails:
 
 
 def make_trails(n: int, rng: random.Random, codes: NameMaker) -> Trails:
-    """One trail of min(n, MAX_TRAIL) notes, then branches that join it or start new ends.
+    """The longest trail, of min(MAX_TRAIL, n / 2) notes, then short branches with the other half: new
+    trails, branches that join an existing trail, and branches that join one so as to end exactly as
+    far from its end as the longest trail (so that several distinct starts have the longest length).
 
-    Half the joining branches end exactly at MAX_TRAIL, so that a world of a few thousand documents
-    offers several distinct starting notes for the longest trails.
+    Branch lengths are log-uniform, so short trails, the ones a small model learns first, have the
+    most distinct starting notes.
     """
     nxt: list[int | None] = []
     depth: list[int] = []
+    at_depth: dict[int, list[int]] = {}
 
     def chain(length: int, onto: int | None) -> None:
         base = 0 if onto is None else depth[onto]
@@ -128,20 +132,25 @@ def make_trails(n: int, rng: random.Random, codes: NameMaker) -> Trails:
         for j in range(length):
             nxt.append(first + j + 1 if j < length - 1 else onto)
             depth.append(base + length - j)
+            at_depth.setdefault(depth[-1], []).append(first + j)
 
-    chain(min(n, MAX_TRAIL), None)
+    def short(most: int) -> int:
+        return min(most, int(math.exp(rng.uniform(0, math.log(min(most, 60) + 1)))))
+
+    longest = max(1, min(MAX_TRAIL, n // 2))
+    chain(longest, None)
     while len(nxt) < n:
         left = n - len(nxt)
-        deep = [i for i, d in enumerate(depth) if MAX_TRAIL - 60 <= d < MAX_TRAIL]
         roll = rng.random()
-        if roll < 0.25:
-            chain(rng.randint(1, min(left, 60)), None)
-        elif roll < 0.6 and deep and any(MAX_TRAIL - depth[i] <= left for i in deep):
-            onto = rng.choice([i for i in deep if MAX_TRAIL - depth[i] <= left])
-            chain(MAX_TRAIL - depth[onto], onto)
-        else:
-            onto = rng.choice([i for i, d in enumerate(depth) if d < MAX_TRAIL])
-            chain(rng.randint(1, min(left, MAX_TRAIL - depth[onto], 60)), onto)
+        deep = [i for d in range(longest - min(left, 30), longest) for i in at_depth.get(d, [])] if roll < 0.2 else []
+        if deep:
+            onto = rng.choice(deep)
+            chain(longest - depth[onto], onto)
+        elif roll < 0.6 or longest == 1:
+            chain(short(left), None)
+        else:  # join at a depth drawn uniformly, so that middle lengths get starts of their own
+            onto = rng.choice(at_depth[rng.randint(1, longest - 1)])
+            chain(short(min(left, longest - depth[onto])), onto)
     ends = [i for i, x in enumerate(nxt) if x is None]
     return Trails(nxt, depth, {i: codes.unique("{w}", w=3) for i in ends})
 

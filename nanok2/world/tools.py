@@ -68,12 +68,14 @@ def open_document(corpus: Corpus, docid: str, page: int = 0) -> str:
     """One page of a document, under a header line; an error line for a docid or page that does not exist."""
     key = docid.strip().lower()
     if key not in corpus.by_id:
-        return (f"Error: there is no document {docid!r}. Docids look like {corpus.docs[0].docid if corpus.docs else 'd0000'}"
-                "; use search to find them.")
+        example = corpus.docs[0].docid if corpus.docs else "d0000"
+        return f"Error: there is no document {docid!r}. Docids look like {example}; use search to find them."
     pages = corpus.pages(key)
     if not 0 <= page < len(pages):
         return f"Error: {key} has pages 0 to {len(pages) - 1}; there is no page {page}."
-    head = f"{key} | {corpus.by_id[key].title} | page {page} of 0-{len(pages) - 1}"
+    head = f"{key} | {corpus.by_id[key].title}"
+    if len(pages) > 1:
+        head += f" | page {page} of pages 0-{len(pages) - 1}"
     more = f"\n(more: open {key} page {page + 1})" if page + 1 < len(pages) else ""
     return f"{head}\n{pages[page]}{more}"
 

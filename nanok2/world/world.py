@@ -18,6 +18,7 @@ from nanok2.world.documents import Rendered, render_documents
 from nanok2.world.graph import Graph, generate_graph
 
 MIN_SIZE = 60
+DEFAULT_SIZE = 10_000  # BrowseComp-Plus scale / 10: builds in seconds, enough trails of every length
 CHRONICLE_SHARE, TRAIL_SHARE = 0.10, 0.20
 
 
@@ -45,7 +46,7 @@ def layout(size: int) -> tuple[int, int, int]:
     return size - chronicles - trail, chronicles, trail
 
 
-def build_world(seed: int, size: int = 2000, corpus: Corpus | None = None) -> World:
+def build_world(seed: int, size: int = DEFAULT_SIZE, corpus: Corpus | None = None) -> World:
     """The world of `seed` with `size` documents; `corpus` reuses an index loaded from disk."""
     if seed < 0:
         raise NanoK2Error(f"--seed {seed}: seeds are non-negative integers")

@@ -1,0 +1,253 @@
+"""Training data on disk: token shards read memory-mapped, their manifest, and `nanok2 data tokenize`.
+
+A dataset is a directory: `shard_00000.bin`, … hold token ids back to back (uint16 when the vocabulary
+fits, else uint32), SFT datasets add `shard_00000.mask.bin` (uint8, 1 where the token is trained on),
+and `manifest.json` records the kind, the vocabulary size, the largest id, and a fingerprint of the
+tokenizer. The manifest is written last and atomically, so a directory without one is incomplete.
+
+The trainer reads fixed windows of seq_len+1 tokens. Their order is a permutation seeded per epoch,
+so "where the run is" is a single number, the count of sequences consumed: that is what makes resume
+exact and lets every rank of a distributed run pick its own rows of the same global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanok2.errors import NanoK2Error
+
+FORMAT = "nanok2-tokens"
+MANIFEST = "manifest.json"
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
+    """sha256 (first 16 hex digits) of a tokenizer's `tiktoken.model`: equal files, equal ids."""
+    path = Path(tokenizer_dir)
+    path = path / "tiktoken.model" if path.is_dir() else path
+    if not path.exists():
+        raise NanoK2Error(f"no tokenizer at {tokenizer_dir} (expected tiktoken.model)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- writing
+
+class ShardWriter:
+    """Append documents (ids, and for SFT a loss mask), cut shards of about `shard_tokens`, then `close()`."""
+
+    def __init__(self, out: str | Path, vocab_size: int, kind: str = "pretrain", tokenizer: str | None = None,
+                 shard_tokens: int = 50_000_000):
+        if kind not in ("pretrain", "sft"):
+            raise NanoK2Error(f"unknown dataset kind {kind!r}; known: pretrain, sft")
+        self.out = Path(out)
+        if (self.out / MANIFEST).exists():
+            raise NanoK2Error(f"{self.out} already holds a dataset; choose another --out (nothing was changed)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.vocab_size, self.kind, self.tokenizer, self.shard_tokens = vocab_size, kind, tokenizer, shard_tokens
+        self.dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+        self.shards: list[dict] = []
+        self._ids: list[np.ndarray] = []
+        self._mask: list[np.ndarray] = []
+        self._pending = 0
+        self.documents = 0
+
+    def add(self, ids, mask=None) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise NanoK2Error(f"token id {int(ids.max())} outside the vocabulary 0..{self.vocab_size - 1}")
+        if (mask is None) != (self.kind == "pretrain"):
+            raise NanoK2Error(f"a {self.kind} dataset takes {'no mask' if self.kind == 'pretrain' else 'a loss mask'}")
+        self._ids.append(ids.astype(self.dtype))
+        if mask is not None:
+            mask = np.asarray(mask, dtype=np.uint8)
+            if mask.shape != ids.shape:
+                raise NanoK2Error(f"loss mask has {mask.size} entries for {ids.size} ids")
+            self._mask.append(mask)
+        self._pending += ids.size
+        self.documents += 1
+        if self._pending >= self.shard_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard_{len(self.shards):05d}"
+        ids = np.concatenate(self._ids)
+        _write_atomic_bytes(self.out / f"{name}.bin", ids.tobytes())
+        entry = {"file": f"{name}.bin", "tokens": int(ids.size), "max_id": int(ids.max())}
+        if self.kind == "sft":
+            _write_atomic_bytes(self.out / f"{name}.mask.bin", np.concatenate(self._mask).tobytes())
+            entry["mask"] = f"{name}.mask.bin"
+        self.shards.append(entry)
+        self._ids, self._mask, self._pending = [], [], 0
+
+    def close(self) -> Path:
+        self._flush()
+        manifest = {"format": FORMAT, "version": 1, "kind": self.kind, "vocab_size": self.vocab_size,
+                    "dtype": np.dtype(self.dtype).name, "tokenizer": self.tokenizer, "documents": self.documents,
+                    "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        _write_atomic_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        return self.out
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor    # [B, T] int64
+    targets: torch.Tensor   # [B, T] int64
+    mask: torch.Tensor      # [B, T] float32, 1 where the target is trained on
+
+
+class TokenDataset:
+    """The windows of a dataset directory, memory-mapped. The last `eval_windows` (in file order) are held
+    out for evaluation; training sequence g is window perm_{g // n}[g % n] of the rest (n of them)."""
+
+    def __init__(self, path: str | Path, seq_len: int, seed: int = 0, eval_windows: int = 0):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise NanoK2Error(f"no dataset at {self.path} (no {MANIFEST}; make one with `nanok2 data tokenize`)") from None
+        if self.manifest.get("format") != FORMAT:
+            raise NanoK2Error(f"{self.path / MANIFEST} is not a {FORMAT} manifest")
+        self.kind = self.manifest["kind"]
+        self.vocab_size = self.manifest["vocab_size"]
+        self.seq_len, self.seed = seq_len, seed
+        dtype = np.dtype(self.manifest["dtype"])
+        self.ids, self.masks, windows = [], [], []
+        for i, shard in enumerate(self.manifest["shards"]):
+            f = self.path / shard["file"]
+            if not f.exists() or f.stat().st_size != shard["tokens"] * dtype.itemsize:
+                raise NanoK2Error(f"{f} is missing or truncated (manifest says {shard['tokens']} tokens)")
+            self.ids.append(np.memmap(f, dtype=dtype, mode="r"))
+            self.masks.append(np.memmap(self.path / shard["mask"], dtype=np.uint8, mode="r") if "mask" in shard else None)
+            n = (shard["tokens"] - 1) // seq_len
+            windows += [(i, w * seq_len) for w in range(n)]
+        if len(windows) <= eval_windows:
+            raise NanoK2Error(f"{self.path} holds {len(windows)} windows of {seq_len + 1} tokens; "
+                              f"need more than the {eval_windows} held out for evaluation")
+        self.eval_windows = windows[len(windows) - eval_windows:] if eval_windows else []
+        self.train_windows = windows[:len(windows) - eval_windows]
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def check_compatible(self, model_vocab: int, tokenizer: str | None = None) -> None:
+        """Raise when the ids cannot be this model's (larger vocabulary) or come from another tokenizer."""
+        max_id = max((s["max_id"] for s in self.manifest["shards"]), default=-1)
+        if self.vocab_size > model_vocab or max_id >= model_vocab:
+            raise NanoK2Error(f"{self.path}: tokens were made for a vocabulary of {self.vocab_size} (largest id "
+                              f"{max_id}) but the model has vocab_size {model_vocab}: wrong tokenizer or model")
+        have = self.manifest.get("tokenizer")
+        if tokenizer is not None and have is not None and have != tokenizer:
+            raise NanoK2Error(f"{self.path}: tokenized with tokenizer {have}, not {tokenizer}")
+
+    def _window(self, shard: int, start: int) -> tuple[np.ndarray, np.ndarray | None]:
+        end = start + self.seq_len + 1
+        mask = self.masks[shard]
+        return self.ids[shard][start:end], (mask[start:end] if mask is not None else None)
+
+    def _train_window(self, g: int) -> tuple[int, int]:
+        n = len(self.train_windows)
+        epoch, pos = divmod(g, n)
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._perm = (epoch, rng.permutation(n))
+        return self.train_windows[int(self._perm[1][pos])]
+
+    def _stack(self, windows: list[tuple[int, int]]) -> Batch:
+        ids = np.stack([self._window(*w)[0] for w in windows]).astype(np.int64)
+        x, y = torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:])
+        if self.kind == "sft":
+            m = np.stack([self._window(*w)[1] for w in windows])[:, 1:]
+            mask = torch.from_numpy(m.astype(np.float32))
+        else:
+            mask = torch.ones(y.shape, dtype=torch.float32)
+        return Batch(x.contiguous(), y.contiguous(), mask)
+
+    def train_batch(self, first: int, count: int) -> Batch:
+        """Training sequences first .. first+count-1 (global numbering; epochs wrap around)."""
+        return self._stack([self._train_window(g) for g in range(first, first + count)])
+
+    def eval_batches(self, batch_size: int):
+        for i in range(0, len(self.eval_windows), batch_size):
+            yield self._stack(self.eval_windows[i:i + batch_size])
+
+
+# ---------------------------------------------------------------- `nanok2 data tokenize`
+
+def _documents(files: list[str], sft: bool):
+    """Yield, per document, its text (pretraining) or its {"messages", "tools"} dict (SFT).
+
+    Pretraining reads .txt files as one document each and .jsonl files as one {"text": …} per line.
+    """
+    for name in files:
+        path = Path(name)
+        if not path.exists():
+            raise NanoK2Error(f"no input file {path}")
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise NanoK2Error(f"{path}:{n}: not JSON: {e}") from None
+                key = "messages" if sft else "text"
+                if not isinstance(row, dict) or key not in row:
+                    raise NanoK2Error(f"{path}:{n}: expected an object with {key!r}")
+                yield row if sft else row["text"]
+        elif sft:
+            raise NanoK2Error(f"{path}: SFT input must be JSONL conversations ({{\"messages\": [...], \"tools\": [...]}})")
+        else:
+            yield path.read_text(encoding="utf-8")
+
+
+def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = False,
+                   shard_tokens: int = 50_000_000) -> dict:
+    """Tokenize text (each document followed by [EOS]) or chat conversations (with their loss masks)."""
+    from nanok2.chat import render_ids
+    from nanok2.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir)
+    writer = ShardWriter(out, tok.n_vocab, "sft" if sft else "pretrain", tokenizer_fingerprint(tokenizer_dir),
+                         shard_tokens)
+    eos = tok.id_of("[EOS]")
+    for doc in _documents(files, sft):
+        if sft:
+            ids, mask = render_ids(doc["messages"], tok, tools=doc.get("tools"))
+            writer.add(ids, mask)
+        else:
+            writer.add(tok.encode(doc) + [eos])
+    writer.close()
+    return json.loads((Path(out) / MANIFEST).read_text())
+
+
+def _tokenize_command(args) -> int:
+    m = tokenize_files(args.tokenizer, args.input, args.out, sft=args.sft, shard_tokens=args.shard_tokens)
+    print(f"{m['kind']}: {m['documents']} documents, {m['tokens']:,} tokens in {len(m['shards'])} shard(s), "
+          f"vocab {m['vocab_size']}, tokenizer {m['tokenizer']} -> {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """`nanok2 data tokenize --tokenizer DIR --input FILES... --out DIR [--sft]`."""
+    parser = subparsers.add_parser("data", help="make training data: token shards")
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    p = sub.add_parser("tokenize", help="text (.txt, .jsonl {text}) or chat JSONL (--sft) -> token shards")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory holding tiktoken.model")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--sft", action="store_true", help="input is JSONL conversations; write loss masks")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, metavar="N", help="tokens per shard")
+    p.set_defaults(func=_tokenize_command)

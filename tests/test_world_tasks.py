@@ -1,0 +1,114 @@
+"""Task families and their gold trajectories: exact replay, correct answers, unique answers, K2 ids."""
+import json
+
+import pytest
+
+from nanok2.errors import NanoK2Error
+from nanok2.world import FAMILIES, Toolbox, build_world, make_tasks, normalize_answer, parse_answer, replay, verify
+from nanok2.world.tasks import matches
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2])
+def setup(request):
+    world = build_world(request.param, 2000)
+    return world, Toolbox(world.corpus)
+
+
+def check_messages(messages):
+    assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
+    index = 0
+    for m in messages[2:-1]:
+        if m["role"] == "assistant":
+            assert m["content"] == "" and m["reasoning_content"] and len(m["tool_calls"]) == 1
+            call = m["tool_calls"][0]
+            assert call["type"] == "function"
+            assert call["id"] == f"functions.{call['function']['name']}:{index}"
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
+            index += 1
+        else:
+            assert m["role"] == "tool" and m["tool_call_id"] == f"functions.{call['function']['name']}:{index - 1}"
+    final = messages[-1]
+    assert final["role"] == "assistant" and "tool_calls" not in final and final["reasoning_content"]
+    lines = final["content"].splitlines()
+    assert lines[0].startswith("Explanation: ") and lines[1].startswith("Exact Answer: ")
+    assert lines[2] == "Confidence: 95%"
+    return index
+
+
+@pytest.mark.parametrize("family,hops,n", [("multihop", 2, 3), ("multihop", 4, 2), ("constraint", 2, 2),
+                                           ("constraint", 4, 2), ("trail", 1, 2), ("trail", 12, 2),
+                                           ("arithmetic", 2, 1), ("arithmetic", 4, 1)])
+def test_gold_trajectories_replay_exactly(setup, family, hops, n):
+    world, tools = setup
+    tasks = make_tasks(world, tools, family, hops, n)
+    assert len({t.question for t in tasks}) == n
+    for task in tasks:
+        assert task.family == family and task.hops == hops
+        calls = check_messages(task.messages)
+        assert replay(tools, task.messages) == []
+        assert parse_answer(task.messages[-1]["content"]) == task.answer
+        assert verify(world, task) == []
+        for ev in task.evidence:  # what the answer rests on was really read
+            assert any(ev["text"] in m["content"] for m in task.messages if m["role"] == "tool")
+        if family == "trail":
+            assert calls == hops
+        if family == "multihop":
+            assert calls == 2 * hops
+
+
+def test_tasks_are_deterministic(setup):
+    world, tools = setup
+    for family in FAMILIES:
+        first = [t.to_json() for t in make_tasks(world, tools, family, None, 1)]
+        assert first == [t.to_json() for t in make_tasks(world, tools, family, None, 1)]
+
+
+def test_constraint_answer_is_unique(setup):
+    world, tools = setup
+    for task in make_tasks(world, tools, "constraint", 3, 3):
+        assert [p.name for p in matches(world, task.spec["conds"])] == [task.answer]
+        # dropping the birthplace, the condition the search starts from, usually admits others
+        assert task.answer in [p.name for p in matches(world, task.spec["conds"][1:])]
+
+
+def test_verify_catches_a_wrong_answer(setup):
+    world, tools = setup
+    task = make_tasks(world, tools, "multihop", 3, 1)[0]
+    task.answer = str(int(task.answer) + 1)
+    assert verify(world, task)
+    task.evidence.append({"docid": world.corpus.docs[0].docid, "text": "a sentence nobody wrote"})
+    assert len(verify(world, task)) == 2
+
+
+def test_replay_catches_a_changed_output(setup):
+    world, tools = setup
+    messages = make_tasks(world, tools, "multihop", 2, 1)[0].messages
+    messages[3] = {**messages[3], "content": messages[3]["content"] + " "}
+    assert replay(tools, messages) == ["functions.search:0: replayed output differs"]
+
+
+def test_three_hundred_hop_trail():
+    world = build_world(4, 3000)  # 600 trail notes: the longest trail takes half
+    tools = Toolbox(world.corpus)
+    task = make_tasks(world, tools, "trail", 300, 1)[0]
+    ids = [c["id"] for m in task.messages for c in m.get("tool_calls") or []]
+    assert ids == [f"functions.open:{i}" for i in range(300)]
+    assert replay(tools, task.messages) == [] and verify(world, task) == []
+    assert parse_answer(task.messages[-1]["content"]) == task.answer
+
+
+def test_bad_requests(setup):
+    world, tools = setup
+    with pytest.raises(NanoK2Error, match="unknown"):
+        make_tasks(world, tools, "riddles", 2, 1)
+    with pytest.raises(NanoK2Error, match="take 1 to 300 hops"):
+        make_tasks(world, tools, "trail", 301, 1)
+    with pytest.raises(NanoK2Error, match="build a larger"):
+        make_tasks(build_world(0, 100), tools, "trail", 250, 1)
+
+
+def test_answer_helpers():
+    assert parse_answer("Explanation: because\nExact Answer:  1,234,567 \nConfidence: 80%") == "1,234,567"
+    assert parse_answer("I think it is 4") is None
+    assert normalize_answer("1,234,567.") == normalize_answer("1234567") == "1234567"
+    assert normalize_answer(" Tonus  TISSUSHEN ") == "tonus tissushen"
