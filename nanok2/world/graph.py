@@ -7,6 +7,7 @@ a model learning from the world never sees a contradiction it should not.
 """
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass, field
 
@@ -115,10 +116,12 @@ def generate_graph(seed: int, n_entities: int) -> Graph:
             {"org_kind": kind, "founded": founder.attrs["birth_year"] + rng.randint(25, 60)},
             {"founder": founder.key, "headquarters": rng.choice(places)})
     orgs = [e for e in ents.values() if e.kind == "org"]
+    by_founding = sorted(orgs, key=lambda o: (o.attrs["founded"], o.key))
+    years = [o.attrs["founded"] for o in by_founding]
     for person in people:
         # people work for an organisation that exists before they turn 45, when there is one
-        fitting = [o for o in orgs if o.attrs["founded"] <= person.attrs["birth_year"] + 45]
-        person.rels["employer"] = rng.choice(fitting or orgs).key
+        fitting = bisect.bisect_right(years, person.attrs["birth_year"] + 45)
+        person.rels["employer"] = (by_founding[rng.randrange(fitting)] if fitting else rng.choice(orgs)).key
     for i in range(counts["work"]):
         kind = rng.choice(sorted(WORK_KINDS))
         author = rng.choice(people)
