@@ -52,7 +52,6 @@ class TrainConfig:
     eval_every: int = 50
     ckpt_every: int = 50
     keep_last: int = 2
-    log_every: int = 1
     peak_flops: float | None = None              # per device, for MFU; None = train.default_peak_flops()
     progress: bool = True
 

@@ -94,8 +94,8 @@ def _prepare(cfg: TrainConfig, resume: bool, rank: int, world: int):
     if ckpt is not None:
         check_same_model(ckpt, args)
     elif out.exists() and any(out.iterdir()):
-        raise NanoK2Error(f"{out} already holds a run; pass --resume to continue it or choose another out=DIR "
-                          "(nothing was changed)")
+        hint = "it has no complete checkpoint to resume from" if resume else "pass --resume to continue it"
+        raise NanoK2Error(f"{out} already holds a run; {hint}, or choose another out=DIR (nothing was changed)")
     if cfg.init_from and ckpt is None:
         check_same_model(Path(cfg.init_from), args)
     return args, data, out, ckpt
@@ -106,7 +106,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     from nanok2.cost import train_flops_per_token
     from nanok2.model import build_model
     from nanok2.moe import MoE
-    from nanok2.optim import MuonClip, lr_at, sequence_balance_loss, update_expert_bias
+    from nanok2.optim import MuonClip, lr_at, sequence_balance_loss
     from nanok2.train_state import (load_train_state, load_weights, save_checkpoint, save_weights)
 
     rank, world, device = setup_distributed()
@@ -136,7 +136,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         state, optim_state = load_train_state(ckpt, rank, world)
         optimizer.load_state_dict(optim_state)
         start, cursor = state["step"], state["cursor"]
-        torch.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        torch.set_rng_state(state["rng"][rank])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -181,14 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             grad_norm = _clip(model, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            balance = float("nan")
-            if moes:
-                load = _all_reduce(torch.stack(counts))                        # [L_moe, E], global batch
-                if cfg.bias_update_speed > 0:
-                    with torch.no_grad():
-                        for m, c in zip(moes, load):
-                            update_expert_bias(m.gate.e_score_correction_bias, c.to(device), cfg.bias_update_speed)
-                balance = float((load.max(1).values.float() / load.float().mean(1)).mean())
+            balance = balance_experts(moes, counts, cfg.bias_update_speed) if moes else float("nan")
             train_loss = float(_all_reduce(loss_sum)[0]) / max(n_tokens, 1.0)
             dt = time.perf_counter() - t0
             tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
@@ -206,12 +199,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 bar.set_postfix_str(f"loss {train_loss:.3f} | {row['tok_per_s']:.0f} tok/s | mfu {row['mfu']:.1%} | "
                                     f"max logit {row['max_logit']:.1f} | load max/mean {balance:.2f}")
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
-                rng = [torch.zeros(0, dtype=torch.uint8)] * world
-                if world > 1:
-                    dist.all_gather_object(rng, torch.get_rng_state())
-                else:
-                    rng = [torch.get_rng_state()]
-                save_checkpoint(out, step + 1, model, optimizer, {"cursor": cursor, "rng": rng, "config": cfg.to_json()},
+                save_checkpoint(out, step + 1, model, optimizer,
+                                {"cursor": cursor, "rng": _all_rng_states(world), "config": cfg.to_json()},
                                 rank, world, cfg.keep_last)
                 if rank == 0:
                     plot_losses(metrics_path, out / "loss.png")
@@ -224,6 +213,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         if bar is not None:
             bar.close()
     return history
+
+
+@torch.no_grad()
+def balance_experts(moes: list, counts: list[torch.Tensor], speed: float) -> float:
+    """Sum this step's expert loads over the ranks, move each MoE layer's selection bias against its load
+    (all ranks apply the same update), and return the mean over layers of max/mean tokens per expert."""
+    from nanok2.optim import update_expert_bias
+
+    load = _all_reduce(torch.stack(counts))                                    # [L_moe, E], the global batch
+    if speed > 0:
+        for m, c in zip(moes, load):
+            bias = m.gate.e_score_correction_bias
+            update_expert_bias(bias, c.to(bias.device), speed)
+    return float((load.max(1).values.float() / load.float().mean(1)).mean())
+
+
+def _all_rng_states(world: int) -> list[torch.Tensor]:
+    """Every rank's torch RNG state (rank 0 saves them all)."""
+    states = [torch.get_rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(states, torch.get_rng_state())
+    return states
 
 
 @torch.no_grad()
@@ -261,10 +272,17 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume from `step`, drop the lines a killed run logged after its last checkpoint."""
+    """On resume from `step`, drop the lines a killed run logged after its last checkpoint (and a line
+    it was killed in the middle of writing)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     _write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
