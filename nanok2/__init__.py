@@ -16,4 +16,10 @@ def __getattr__(name):
     if name in ("load_model", "save_model"):
         from nanok2 import checkpoint
         return getattr(checkpoint, name)
+    if name == "Engine":
+        from nanok2.engine import Engine
+        return Engine
+    if name == "SamplingParams":
+        from nanok2.sampling import SamplingParams
+        return SamplingParams
     raise AttributeError(f"module 'nanok2' has no attribute {name!r}")

@@ -21,6 +21,9 @@ COMMAND_MODULES = [
     "nanok2.train",  # train
     "nanok2.data",  # data tokenize
     "nanok2.cost",  # cost
+    "nanok2.agent_cli",  # agent | eval
+    "nanok2.quant_cli",  # quantize
+    "nanok2.generate_cli",  # generate | chat
 ]
 
 

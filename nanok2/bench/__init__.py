@@ -6,7 +6,10 @@ import importlib
 
 BENCH_MODULES = [
     "nanok2.bench.moe_scaling",   # bench moe-scaling
+    "nanok2.bench.decode",        # bench decode
     "nanok2.bench.optim",         # bench optim
+    "nanok2.bench.quant",         # bench quant
+    "nanok2.bench.qat",           # bench qat
 ]
 
 

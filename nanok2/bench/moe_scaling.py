@@ -7,13 +7,13 @@ the same; a dense "run every expert" implementation would cost 32x.
 """
 from __future__ import annotations
 
-import torch
-
 from nanok2.bench.report import emit, table, timed
 from nanok2.config import ModelArgs
 
 
 def run(args) -> int:
+    import torch
+
     from nanok2.model import build_model
 
     torch.set_num_threads(args.threads) if args.threads else None

@@ -1,0 +1,244 @@
+"""A bf16-weight matmul for CPUs without bf16 units, and the module swap that puts it under a built model.
+
+On AVX2 CPUs (no AVX512-BF16), torch's bf16 `F.linear` converts the weights again for every row of the
+input: its cost grows with the number of rows, so a decode step for 16 requests costs about 16 steps
+for one, and batching buys nothing. Decoding is bound by reading the weights; the kernel here reads
+each weight row once, widens it to fp32 in registers and multiplies it into up to 16 input rows while
+it sits in L1. For more rows (prefill) the weights are widened once and torch's fp32 matmul runs.
+
+The kernel is C++ built on first use with torch's extension loader (cached under
+~/.cache/torch_extensions; a minute or more the first time). Without a compiler or AVX2/FMA, nothing is
+swapped and the model runs as it is. `use_bf16_kernel(model)` changes the class of bf16 `nn.Linear`
+and `Experts` modules in place: same parameters, same names, same state dict; under autograd, or with
+other dtypes, they run torch's own path.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanok2.moe import Experts
+
+MAX_KERNEL_ROWS = 16   # more input rows: widen the weight once and use torch's fp32 matmul
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// 8 bf16 -> 8 fp32: a bf16 is the top half of an fp32
+static inline __m256 widen8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R input rows x[R, K] (fp32) times one weight row w[K] (bf16) -> y[r * ldy]. Two accumulators per
+// row (k and k+8) hide the latency of the fused multiply-add when R is small.
+template <int R>
+static inline void dot_rows(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 w0 = widen8(w + k), w1 = widen8(w + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8), w1, a1[r]);
+    }
+  }
+  for (; k < K; k += 8) {
+    __m256 w0 = widen8(w + k);
+    for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a0[r]);
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(a0[r], a1[r]));
+}
+
+// y[m, n] (row stride ldy) = x[M, K] . w[n, K] for n in [n0, n1): x fp32, w bf16, K % 8 == 0, serial.
+// Each weight row is read from memory once, then from L1 for every block of input rows.
+static void rows_times_bf16_serial(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
+                                   float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + n * K;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dot_rows<4>(x + m * K, K, row, y + m * ldy + n, ldy);
+    for (; m + 2 <= M; m += 2) dot_rows<2>(x + m * K, K, row, y + m * ldy + n, ldy);
+    for (; m < M; ++m) dot_rows<1>(x + m * K, K, row, y + m * ldy + n, ldy);
+  }
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T in fp32, split over threads by output rows. A thread gets at least
+// ~512 kB of weights: smaller matrices run on one thread (a parallel region costs more than they do).
+static torch::Tensor rows_times_bf16(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(32, 262144 / K), [&](int64_t n0, int64_t n1) {
+    rows_times_bf16_serial(xp, M, K, wp, n0, n1, yp, N);
+  });
+  return y;
+}
+
+// F.linear(x, w) for x [..., K] (bf16 or fp32) and w [N, K] (bf16), accumulated in fp32; -> [..., N]
+// in x's dtype. Up to max_rows rows run the kernel above; more rows widen w once for torch's fp32 matmul.
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, int64_t max_rows) {
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 2 && x.size(-1) == w.size(1), "w must be bf16 [N, K]");
+  const int64_t K = w.size(1), N = w.size(0);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  auto x2 = x.reshape({-1, K}).to(torch::kFloat).contiguous();
+  torch::Tensor y;
+  if (x2.size(0) <= max_rows && K % 8 == 0)
+    y = rows_times_bf16(x2, w.contiguous());
+  else
+    y = at::linear(x2, w.to(torch::kFloat));
+  return y.to(x.scalar_type()).view(shape);
+}
+
+// The routed experts of an MoE layer in one call, same maths as moe.grouped_experts: x [N, D], idx [N, k]
+// (int64), w [N, k] (fp32), gate_up [E, 2I, D] and down [E, D, I] (bf16) -> sum_j w[n, j] * expert_idx[n, j](x[n])
+// [N, D] in x's dtype. Tokens are grouped by expert so each expert's weights are read once; the
+// intermediate activations and the sum stay in fp32.
+torch::Tensor experts_bf16(const torch::Tensor& x, const torch::Tensor& idx, const torch::Tensor& w,
+                           const torch::Tensor& gate_up, const torch::Tensor& down) {
+  TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16 && down.scalar_type() == torch::kBFloat16, "bf16 experts");
+  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "contiguous experts");
+  const int64_t N = x.size(0), D = x.size(1), k = idx.size(1), E = gate_up.size(0), I = down.size(2);
+  TORCH_CHECK(D % 8 == 0 && I % 8 == 0, "dims must be multiples of 8");
+  auto xf = x.to(torch::kFloat).contiguous();
+  auto idx_c = idx.to(torch::kLong).contiguous();
+  auto w_c = w.to(torch::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  const int64_t* ip = idx_c.data_ptr<int64_t>();
+  const float* wp = w_c.data_ptr<float>();
+  const uint16_t* gup = reinterpret_cast<const uint16_t*>(gate_up.data_ptr());
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(down.data_ptr());
+  std::vector<std::vector<int64_t>> pairs(E);   // per expert: the (token * k + j) routed to it, in order
+  for (int64_t p = 0; p < N * k; ++p) pairs[ip[p]].push_back(p);
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e) if (!pairs[e].empty()) active.push_back(e);
+  // one parallel region per layer: each thread runs whole experts and sums into its own output
+  const int64_t threads = at::get_num_threads();
+  auto partial = torch::zeros({threads, N, D}, xf.options());
+  at::parallel_for(0, (int64_t)active.size(), 1, [&](int64_t a0, int64_t a1) {
+    float* yp = partial.data_ptr<float>() + at::get_thread_num() * N * D;
+    std::vector<float> xs, h, act, o;
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t e = active[a];
+      const auto& ps = pairs[e];
+      const int64_t M = ps.size();
+      xs.resize(M * D); h.resize(M * 2 * I); act.resize(M * I); o.resize(M * D);
+      for (int64_t m = 0; m < M; ++m) std::memcpy(&xs[m * D], xp + (ps[m] / k) * D, D * sizeof(float));
+      rows_times_bf16_serial(xs.data(), M, D, gup + e * 2 * I * D, 0, 2 * I, h.data(), 2 * I);   // gate | up
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < I; ++i) {
+          const float g = h[m * 2 * I + i];
+          act[m * I + i] = g / (1.0f + std::exp(-g)) * h[m * 2 * I + I + i];
+        }
+      rows_times_bf16_serial(act.data(), M, I, dp + e * D * I, 0, D, o.data(), D);
+      for (int64_t m = 0; m < M; ++m) {
+        const float wt = wp[ps[m]];
+        float* yrow = yp + (ps[m] / k) * D;
+        for (int64_t d = 0; d < D; ++d) yrow[d] += wt * o[m * D + d];
+      }
+    }
+  });
+  return partial.sum(0).to(x.scalar_type());
+}
+"""
+
+
+def _cpu_supports_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@functools.cache
+def kernel():
+    """The compiled extension, or None (no AVX2/FMA, no compiler): callers then keep torch's path."""
+    if not _cpu_supports_avx2():
+        return None
+    from torch.utils.cpp_extension import load_inline
+
+    print("nanok2: loading the bf16 CPU kernel (built once, then cached)...", file=sys.stderr, flush=True)
+    try:
+        return load_inline("nanok2_bf16_linear", cpp_sources=_SOURCE, functions=["linear_bf16", "experts_bf16"],
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:   # no compiler, no headers: slower, not broken
+        warnings.warn(f"nanok2: the bf16 CPU kernel could not be built ({e}); using torch's bf16 matmul")
+        return None
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for x [..., K] and a bf16 weight [N, K], accumulated in fp32; -> [..., N] in x's dtype."""
+    y = kernel().linear_bf16(x, weight, MAX_KERNEL_ROWS)
+    return y if bias is None else y + bias
+
+
+def _use(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+class KernelLinear(nn.Linear):
+    """nn.Linear whose bf16 inference forward runs `linear_bf16`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use(x, self.weight):
+            return linear_bf16(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class KernelExperts(Experts):
+    """Experts whose bf16 inference runs in one kernel call per layer (`experts_bf16`) when decoding: tokens
+    grouped by expert as in moe.grouped_experts, without a Python step (or a parallel region) per expert."""
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # many tokens (prefill): expert by expert, each on its rows through `expert` below
+        if not _use(x, self.gate_up_proj) or x.shape[0] > MAX_KERNEL_ROWS:
+            return super().forward(x, idx, w)
+        return kernel().experts_bf16(x, idx, w, self.gate_up_proj, self.down_proj)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if not _use(x, self.gate_up_proj):
+            return super().expert(e, x)
+        gate, up = linear_bf16(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return linear_bf16(F.silu(gate) * up, self.down_proj[e])
+
+
+def use_bf16_kernel(model: nn.Module) -> int:
+    """Swap the class of every plain nn.Linear and Experts module of a bf16 model (in place); -> how many.
+
+    Modules of other classes (quantized experts, for one) are left alone. Returns 0 when the kernel is
+    not available here or the model is not bf16."""
+    if not any(p.dtype == torch.bfloat16 for p in model.parameters()) or kernel() is None:
+        return 0
+    swapped = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = KernelLinear
+            swapped += 1
+        elif type(module) is Experts:
+            module.__class__ = KernelExperts
+            swapped += 1
+    return swapped
