@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                                 rank, world, cfg.keep_last)
                 if rank == 0:
                     plot_losses(metrics_path, out / "loss.png")
-        save_weights(model, out / "final", rank)
+        save_weights(model, out / "final", rank, tokenizer_dir=cfg.tokenizer)
         if rank == 0:
             plot_losses(metrics_path, out / "loss.png")
     finally:

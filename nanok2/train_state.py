@@ -49,13 +49,20 @@ def plain_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch
     return shadow
 
 
-def save_weights(model: torch.nn.Module, folder: Path, rank: int) -> None:
-    """The model alone, in HF format, into `folder` (replaced atomically). Call on all ranks."""
+def save_weights(model: torch.nn.Module, folder: Path, rank: int, tokenizer_dir: str | None = None) -> None:
+    """The model alone, in HF format, into `folder` (replaced atomically). Call on all ranks.
+
+    With `tokenizer_dir`, its `tiktoken.model` and `tokenizer_config.json` go along, so the folder is a
+    complete checkpoint for `nanok2 generate` / `chat` / `quantize`.
+    """
     state = full_state_dict(model)
     if rank == 0:
         tmp = folder.with_name(".tmp-" + folder.name)
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(plain_model(model, state), tmp)
+        for name in ("tiktoken.model", "tokenizer_config.json") if tokenizer_dir else ():
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         old = folder.with_name(".old-" + folder.name)
         if folder.exists():
             os.replace(folder, old)
