@@ -16,7 +16,8 @@ def run(args) -> int:
 
     from nanok2.model import build_model
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = dict(vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                 num_attention_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                 v_head_dim=32, first_k_dense_replace=0, num_experts_per_tok=args.top_k, n_shared_experts=1,
@@ -26,9 +27,7 @@ def run(args) -> int:
     for n in args.experts:
         model = build_model(ModelArgs.from_dict({**base, "n_routed_experts": n})).eval()
         with torch.inference_mode():
-            t = timed(lambda: model(ids), repeat=args.repeat, warmup=2)
-        times[n] = t
-        del model
+            times[n] = timed(lambda: model(ids), repeat=args.repeat, warmup=2)  # noqa: B023 (called at once)
     first = args.experts[0]
     for n in args.experts:
         rows.append([n, args.top_k, f"{times[n] * 1e3:.2f}", f"{times[n] / times[first]:.2f}x"])
