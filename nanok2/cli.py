@@ -1,8 +1,8 @@
 """The `nanok2` command: one argparse tree, each concern registers its own sub-commands.
 
-Every module listed in COMMAND_MODULES defines `register(subparsers)`, which adds its sub-commands and
-sets `func` on each parser. Modules are imported only when the command line is parsed, so that
-`nanok2 --help` stays fast and one concern never imports another it does not need.
+Every module in COMMANDS defines `register(subparsers)`, which adds its sub-commands and sets `func` on
+each parser. Only the module of the command being run is imported (the others appear in `--help` by
+their one-line summary), so `nanok2 --help` and light commands start without importing torch.
 """
 from __future__ import annotations
 
@@ -12,31 +12,40 @@ import sys
 
 from nanok2.errors import NanoK2Error
 
-# module -> registers these top-level commands (one line each; keep sorted by concern)
-COMMAND_MODULES = [
-    "nanok2.info",          # info
-    "nanok2.bench",         # bench moe-scaling | decode | quant | optim
-    "nanok2.world.cli",  # world build | tasks
-    "nanok2.tokenizer",  # tokenizer train
-    "nanok2.train",  # train
-    "nanok2.data",  # data tokenize
-    "nanok2.cost",  # cost
-    "nanok2.agent_cli",  # agent | eval
-    "nanok2.quant_cli",  # quantize
-    "nanok2.generate_cli",  # generate | chat
-]
+# top-level command -> (the module that registers it, its one-line summary in `nanok2 --help`)
+COMMANDS = {
+    "info": ("nanok2.info", "parameters, bytes and KV cache of a preset or checkpoint"),
+    "tokenizer": ("nanok2.tokenizer", "train K2-format tokenizers"),
+    "world": ("nanok2.world.cli", "offline research world: corpus, tools, tasks"),
+    "data": ("nanok2.data", "make training data: token shards"),
+    "train": ("nanok2.train", "pre-train or fine-tune from a named recipe (torchrun for FSDP2)"),
+    "quantize": ("nanok2.quant_cli", "write an INT4 checkpoint as K2-Thinking ships (compressed-tensors)"),
+    "generate": ("nanok2.generate_cli", "continue a prompt, streaming the text"),
+    "chat": ("nanok2.generate_cli", "an interactive chat that streams thinking and the answer"),
+    "agent": ("nanok2.agent_cli", "run the agent on a question over a world or your documents"),
+    "eval": ("nanok2.agent_cli", "evaluate the agent"),
+    "cost": ("nanok2.cost", "training FLOPs, GPU-hours and dollars for a preset and a token count"),
+    "bench": ("nanok2.bench", "benchmarks: a table, then one JSON line"),
+}
+COMMAND_MODULES = sorted({module for module, _ in COMMANDS.values()})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command` fully registered and every other command as its summary."""
     parser = argparse.ArgumentParser(prog="nanok2", description="Kimi K2 Thinking, small enough to read.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).register(sub)
+    for name, (_, summary) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -196,18 +196,8 @@ def test_vocab_size_below_bytes_is_refused(tmp_path):
 
 
 def _run_cli(argv: list[str]) -> int:
-    # Only this module's commands: the full `nanok2` parser imports every concern (torch among them).
-    import argparse
-
-    from nanok2 import cli, tokenizer
-    assert "nanok2.tokenizer" in cli.COMMAND_MODULES
-    parser = argparse.ArgumentParser(prog="nanok2")
-    tokenizer.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except NanoK2Error:
-        return 2
+    from nanok2.cli import main
+    return main(argv)   # imports only the tokenizer's command module
 
 
 def test_cli_train(tmp_path, capsys):
