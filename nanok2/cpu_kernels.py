@@ -173,20 +173,29 @@ def _cpu_supports_avx2() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-@functools.cache
-def kernel():
-    """The compiled extension, or None (no AVX2/FMA, no compiler): callers then keep torch's path."""
+def build_kernel(name: str, source: str, functions: list[str], what: str, fallback: str,
+                 openmp: bool = False):
+    """Compile (once, cached by torch's extension loader) an AVX2 C++ kernel, or None when this CPU lacks
+    AVX2/FMA or nothing can compile it: callers then keep `fallback` (named in the warning)."""
     if not _cpu_supports_avx2():
         return None
     from torch.utils.cpp_extension import load_inline
 
-    print("nanok2: loading the bf16 CPU kernel (built once, then cached)...", file=sys.stderr, flush=True)
+    print(f"nanok2: loading the {what} CPU kernel (built once, then cached)...", file=sys.stderr, flush=True)
+    omp = ["-fopenmp"] if openmp else []
     try:
-        return load_inline("nanok2_bf16_linear", cpp_sources=_SOURCE, functions=["linear_bf16", "experts_bf16"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        return load_inline(name, cpp_sources=source, functions=functions,
+                           extra_cflags=["-O3", "-mavx2", "-mfma", *omp], extra_ldflags=omp)
     except Exception as e:   # no compiler, no headers: slower, not broken
-        warnings.warn(f"nanok2: the bf16 CPU kernel could not be built ({e}); using torch's bf16 matmul")
+        warnings.warn(f"nanok2: the {what} CPU kernel could not be built ({e}); using {fallback}")
         return None
+
+
+@functools.cache
+def kernel():
+    """The compiled bf16 extension, or None (no AVX2/FMA, no compiler): callers then keep torch's path."""
+    return build_kernel("nanok2_bf16_linear", _SOURCE, ["linear_bf16", "experts_bf16"], "bf16",
+                        "torch's bf16 matmul", openmp=True)
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,8 +18,6 @@ module's state dict, so `save_model` writes K2-Thinking's tensor names unchanged
 from __future__ import annotations
 
 import functools
-import sys
-import warnings
 
 import torch
 import torch.nn as nn
@@ -233,19 +231,10 @@ torch::Tensor int4_moe(torch::Tensor x, torch::Tensor idx, torch::Tensor w, std:
 @functools.cache
 def gemv_kernel():
     """nanok2's AVX2 int4 kernel (built once with torch's extension loader, cached), or None."""
-    from nanok2.cpu_kernels import _cpu_supports_avx2
+    from nanok2.cpu_kernels import build_kernel
 
-    if not _cpu_supports_avx2():
-        return None
-    from torch.utils.cpp_extension import load_inline
-
-    print("nanok2: loading the int4 CPU kernel (built once, then cached)...", file=sys.stderr, flush=True)
-    try:
-        return load_inline("nanok2_int4_gemv", cpp_sources=_SOURCE, functions=["int4_linear", "int4_expert", "int4_moe"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma"])
-    except Exception as e:   # no compiler, no headers: torch's int4 kernel instead
-        warnings.warn(f"nanok2: the int4 CPU kernel could not be built ({e}); using torch's int4 kernel")
-        return None
+    return build_kernel("nanok2_int4_gemv", _SOURCE, ["int4_linear", "int4_expert", "int4_moe"], "int4",
+                        "torch's int4 kernel")
 
 
 def _no_grad(x: torch.Tensor) -> bool:
