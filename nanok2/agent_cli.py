@@ -27,8 +27,12 @@ def _backend_args(p) -> None:
                    help="a nanok2/K2 checkpoint folder (config.json, safetensors, tiktoken.model); "
                         "default: the embedded models/nanok2-agent-tiny")
     g.add_argument("--context", type=int, help="context tokens, prompt and reply (default: the model's, at most 8192)")
-    g.add_argument("--max-tokens", type=int, default=1024, help="tokens per model turn, reasoning included")
-    g.add_argument("--temperature", type=float, default=1.0, help="K2-Thinking recommends 1.0")
+    g.add_argument("--max-tokens", type=int,
+                   help="tokens per model turn, reasoning included (default: the model's generation_config.json, "
+                        "else 1024)")
+    g.add_argument("--temperature", type=float,
+                   help="default: the model's generation_config.json (0 = greedy when it sets do_sample false), "
+                        "else 1.0, which K2-Thinking recommends")
     g.add_argument("--sample-seed", type=int, help="seed of the sampler (default: fresh randomness)")
     g.add_argument("--thinking-budget", type=int, help="reasoning tokens per turn before </think> is forced")
     g.add_argument("--base-url", help="run on an OpenAI-compatible server (e.g. http://localhost:8000/v1) instead")
@@ -80,13 +84,20 @@ def make_backend(args):
     from nanok2.agent_backends import EngineBackend, OpenAIBackend
     from nanok2.sampling import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sample_seed,
-                            thinking_budget=args.thinking_budget)
-    params.validate()
+    def sampling(defaults: dict) -> SamplingParams:
+        temperature = args.temperature
+        if temperature is None:
+            temperature = 0.0 if defaults.get("do_sample") is False else float(defaults.get("temperature", 1.0))
+        max_tokens = args.max_tokens or int(defaults.get("max_new_tokens") or 1024)
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=args.sample_seed,
+                                thinking_budget=args.thinking_budget)
+        params.validate()
+        return params
+
     if args.base_url:
         if not args.api_model:
             raise NanoK2Error("--base-url needs --api-model NAME (the model's name on that server)")
-        return OpenAIBackend(args.base_url, args.api_model, params=params, context_tokens=args.context)
+        return OpenAIBackend(args.base_url, args.api_model, params=sampling({}), context_tokens=args.context)
     path = args.model
     if not (path / "config.json").is_file():
         if path == DEFAULT_MODEL:
@@ -101,9 +112,16 @@ def make_backend(args):
     from nanok2.engine import Engine
     from nanok2.tokenizer import Tokenizer
 
+    defaults = {}
+    if (path / "generation_config.json").is_file():
+        try:
+            defaults = json.loads((path / "generation_config.json").read_text())
+        except ValueError as e:
+            raise NanoK2Error(f"{path / 'generation_config.json'}: not JSON ({e})") from None
+    params = sampling(defaults)
     model = load_model(path)
     context = args.context or min(model.args.max_position_embeddings, 8192)
-    engine = Engine(model, Tokenizer.load(path), max_batch=1, max_seq=context)
+    engine = Engine(model, Tokenizer.load(path), max_batch=1, max_seq=context, bf16_kernel=True)
     return EngineBackend(engine, params, name=f"engine:{path}")
 
 

@@ -41,7 +41,7 @@ class ShardWriter:
     """Append documents (ids, and for SFT a loss mask), cut shards of about `shard_tokens`, then `close()`."""
 
     def __init__(self, out: str | Path, vocab_size: int, kind: str = "pretrain", tokenizer: str | None = None,
-                 shard_tokens: int = 50_000_000):
+                 shard_tokens: int = 50_000_000, align: int | None = None, pad_id: int = 0):
         if kind not in ("pretrain", "sft"):
             raise NanoK2Error(f"unknown dataset kind {kind!r}; known: pretrain, sft")
         self.out = Path(out)
@@ -55,6 +55,9 @@ class ShardWriter:
         self._mask: list[np.ndarray] = []
         self._pending = 0
         self.documents = 0
+        # align=seq_len: no document crosses a training window (a conversation is never cut from its
+        # question); the gap is padded with pad_id under a zero loss mask
+        self.align, self.pad_id, self.padding = align, pad_id, 0
 
     def add(self, ids, mask=None) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -62,20 +65,37 @@ class ShardWriter:
             raise NanoK2Error(f"token id {int(ids.max())} outside the vocabulary 0..{self.vocab_size - 1}")
         if (mask is None) != (self.kind == "pretrain"):
             raise NanoK2Error(f"a {self.kind} dataset takes {'no mask' if self.kind == 'pretrain' else 'a loss mask'}")
-        self._ids.append(ids.astype(self.dtype))
         if mask is not None:
             mask = np.asarray(mask, dtype=np.uint8)
             if mask.shape != ids.shape:
                 raise NanoK2Error(f"loss mask has {mask.size} entries for {ids.size} ids")
-            self._mask.append(mask)
-        self._pending += ids.size
+        if self.align:
+            if ids.size > self.align:
+                raise NanoK2Error(f"document {self.documents} has {ids.size} tokens, more than a window "
+                                  f"({self.align}); use a longer seq_len or shorter documents")
+            used = self._pending % self.align
+            if used and used + ids.size > self.align:
+                gap = self.align - used
+                self._append(np.full(gap, self.pad_id), np.zeros(gap, dtype=np.uint8) if mask is not None else None)
+                self.padding += gap
+        self._append(ids, mask)
         self.documents += 1
         if self._pending >= self.shard_tokens:
             self._flush()
 
+    def _append(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        self._ids.append(ids.astype(self.dtype))
+        if mask is not None:
+            self._mask.append(mask)
+        self._pending += ids.size
+
     def _flush(self) -> None:
         if not self._pending:
             return
+        if self.align:  # close the last window: it spans align + 1 tokens (inputs and shifted targets)
+            gap = (-self._pending) % self.align + 1
+            self._append(np.full(gap, self.pad_id), np.zeros(gap, dtype=np.uint8) if self.kind == "sft" else None)
+            self.padding += gap
         name = f"shard_{len(self.shards):05d}"
         ids = np.concatenate(self._ids)
         _write_atomic_bytes(self.out / f"{name}.bin", ids.tobytes())
@@ -91,6 +111,8 @@ class ShardWriter:
         manifest = {"format": FORMAT, "version": 1, "kind": self.kind, "vocab_size": self.vocab_size,
                     "dtype": np.dtype(self.dtype).name, "tokenizer": self.tokenizer, "documents": self.documents,
                     "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        if self.align:
+            manifest.update(align=self.align, padding=self.padding)
         _write_atomic_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         return self.out
 
@@ -214,19 +236,22 @@ def _documents(files: list[str], sft: bool):
 
 
 def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = False,
-                   shard_tokens: int = 50_000_000) -> dict:
-    """Tokenize text (each document followed by [EOS]) or chat conversations (with their loss masks)."""
-    from nanok2.chat import render_ids
+                   shard_tokens: int = 50_000_000, align: int | None = None) -> dict:
+    """Tokenize text (each document followed by [EOS]) or chat conversations (with their loss masks).
+
+    An SFT row may carry `train_from` (agent_data.encode_example): only its assistant messages from that
+    index on are trained. `align=seq_len` keeps every document inside one training window.
+    """
+    from nanok2.agent_data import encode_example
     from nanok2.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_dir)
-    writer = ShardWriter(out, tok.n_vocab, "sft" if sft else "pretrain", tokenizer_fingerprint(tokenizer_dir),
-                         shard_tokens)
     eos = tok.id_of("[EOS]")
+    writer = ShardWriter(out, tok.n_vocab, "sft" if sft else "pretrain", tokenizer_fingerprint(tokenizer_dir),
+                         shard_tokens, align=align, pad_id=eos)
     for doc in _documents(files, sft):
         if sft:
-            ids, mask = render_ids(doc["messages"], tok, tools=doc.get("tools"))
-            writer.add(ids, mask)
+            writer.add(*encode_example(doc, tok))
         else:
             writer.add(tok.encode(doc) + [eos])
     writer.close()
@@ -234,7 +259,8 @@ def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = F
 
 
 def _tokenize_command(args) -> int:
-    m = tokenize_files(args.tokenizer, args.input, args.out, sft=args.sft, shard_tokens=args.shard_tokens)
+    m = tokenize_files(args.tokenizer, args.input, args.out, sft=args.sft, shard_tokens=args.shard_tokens,
+                       align=args.align)
     print(f"{m['kind']}: {m['documents']} documents, {m['tokens']:,} tokens in {len(m['shards'])} shard(s), "
           f"vocab {m['vocab_size']}, tokenizer {m['tokenizer']} -> {args.out}")
     return 0
@@ -250,4 +276,6 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--sft", action="store_true", help="input is JSONL conversations; write loss masks")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, metavar="N", help="tokens per shard")
+    p.add_argument("--align", type=int, metavar="SEQ_LEN",
+                   help="keep each document inside one training window of SEQ_LEN (padding the gaps)")
     p.set_defaults(func=_tokenize_command)

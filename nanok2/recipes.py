@@ -83,6 +83,14 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# Recipes that are whole pipelines (data, tokenizer, several training stages, quantization), each run by
+# its own module; `key=value` overrides apply to that pipeline's config.
+PIPELINES: dict[str, str] = {
+    "agent-tiny": "nanok2-agent-tiny end to end: worlds -> tokenizer -> pre-train -> agent SFT with INT4 QAT "
+                  "(MuonClip) -> INT4 K2 checkpoint (nanok2/agent_recipe.py)",
+}
+
+
 def _parse_value(text: str, current: Any, key: str) -> Any:
     """'3e-4' for a float field, 'none' for an optional one, JSON for dicts and tuples."""
     if text.lower() in ("none", "null"):
@@ -139,5 +147,5 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise NanoK2Error(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+        raise NanoK2Error(f"unknown recipe {name!r}; known recipes: {', '.join([*RECIPES, *PIPELINES])}")
     return RECIPES[name]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanok2.errors import NanoK2Error
-from nanok2.recipes import RECIPES, TrainConfig, apply_overrides, get_recipe
+from nanok2.recipes import PIPELINES, RECIPES, TrainConfig, apply_overrides, get_recipe
 
 # 2 cores × ~2.5 GHz × 32 fp32 FLOP/cycle (two 256-bit FMA units): this project's CPU machines.
 CPU_PEAK_FLOPS = 1.6e11
@@ -313,6 +313,13 @@ def run(args) -> int:
     if args.list:
         for r in RECIPES.values():
             print(f"{r.name:<16} {r.description}")
+        for name, description in PIPELINES.items():
+            print(f"{name:<16} {description}")
+        return 0
+    if args.recipe in PIPELINES:
+        from nanok2.agent_recipe import AgentTinyConfig, apply_overrides as pipeline_overrides, run_pipeline
+
+        run_pipeline(pipeline_overrides(AgentTinyConfig(), args.overrides), resume=args.resume)
         return 0
     recipe = get_recipe(args.recipe)
     for i, stage in enumerate(recipe.stages):
@@ -329,7 +336,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="pre-train or fine-tune from a named recipe (torchrun for FSDP2)")
-    p.add_argument("--recipe", default="tiny-pretrain", help=f"one of {', '.join(RECIPES)}")
+    p.add_argument("--recipe", default="tiny-pretrain", help=f"one of {', '.join([*RECIPES, *PIPELINES])}")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out")
     p.add_argument("--list", action="store_true", help="list the recipes")
     p.add_argument("--qat", choices=["int4"], default=None, help="fake-quantize the routed experts to INT4 (QAT)")

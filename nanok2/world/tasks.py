@@ -261,7 +261,7 @@ def make_trail(world: World, toolbox: Toolbox, hops: int, rng: random.Random) ->
             note = f"The note says the next clue is in {ids[nxt]}. I open it."
     docid = ids[chain[-1]]
     messages = rec.finish(f"The last note, {docid}, says the answer is {answer}.",
-                          f"I followed {len(chain)} notes from {ids[chain[0]]} to {docid}, which gives the answer.",
+                          f"I followed the notes from {ids[chain[0]]} to {docid}, which gives the answer.",
                           answer)
     ev = [{"docid": ids[i], "text": (ENDING_RE if i == chain[-1] else POINTER_RE).search(
         world.corpus.by_id[ids[i]].text).group(0)} for i in chain]  # the sentence that leads on

@@ -1,0 +1,146 @@
+"""Training conversations for an agent model: gold trajectories cut into the contexts the agent loop shows.
+
+A gold trajectory (nanok2/world/tasks.py) is the whole conversation. The agent loop never shows a small
+model the whole of a long one: before each step it fits the conversation into the context with
+`agent.fit_context` (K2's "hide all previous tool outputs", then "keep the last K steps"). A model
+trained on whole conversations would meet contexts at run time that it never saw, so each assistant turn
+is trained in exactly the view the loop would give it at that step, using the same function and the same
+token count. Consecutive turns whose views extend each other share one example; `train_from` says which
+assistant messages of an example are trained (the earlier ones were trained in their own views).
+
+A run that exhausts its step budget gets a user message asking for the final answer (agent.FORCE_ANSWER);
+a share of the examples end that way, so that the model answers from what it has read.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+from nanok2.agent import FORCE_ANSWER, FORCE_TAIL, AgentConfig, fit_context
+from nanok2.chat import render_ids
+from nanok2.errors import NanoK2Error
+
+
+@dataclass
+class Example:
+    messages: list[dict]   # the view, ending with the last trained assistant message
+    train_from: int        # assistant messages at this index and after are trained
+
+    def to_json(self, tools: list[dict]) -> dict:
+        return {"messages": self.messages, "tools": tools, "train_from": self.train_from}
+
+
+def prompt_limit(context: int, reply_tokens: int) -> int:
+    """Prompt tokens the agent loop allows (agent.Agent.context_limit): the context less one reply."""
+    return context - min(reply_tokens, context // 2)
+
+
+def agent_views(messages: list[dict], count, limit: int, config: AgentConfig | None = None) -> list[Example]:
+    """The examples that train every assistant turn of `messages` in the view the agent loop gives it.
+
+    `count(view) -> tokens` must be the backend's count (the rendered prompt with the generation prompt).
+    """
+    config = config or AgentConfig()
+    examples: list[Example] = []
+    open_example, consumed, hidden_before = None, 0, 0   # consumed: gold messages the open example covers
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        fitted = fit_context(messages[:i], count, limit, hidden_before, config.hide_keep_last,
+                             config.keep_last_steps)
+        if fitted is None:
+            raise NanoK2Error(f"the question alone does not fit in {limit} prompt tokens")
+        view, _, hidden_before, _ = fitted
+        if open_example is not None and view == open_example.messages + messages[consumed:i]:
+            open_example.messages = view + [m]          # the same context, grown by one step
+        else:
+            if open_example is not None:
+                examples.append(open_example)
+            open_example = Example(view + [m], train_from=len(view))
+        consumed = i + 1
+    if open_example is not None:
+        examples.append(open_example)
+    return examples
+
+
+def forced_ending(messages: list[dict], reason: str = "budget") -> list[dict]:
+    """The gold conversation as a run whose budget ran out right before its final answer: the loop's
+    user message asking for the answer, then the same final message."""
+    if not messages or messages[-1].get("role") != "assistant" or messages[-1].get("tool_calls"):
+        raise NanoK2Error("a forced ending needs a conversation that ends with its final answer")
+    return messages[:-1] + [{"role": "user", "content": FORCE_ANSWER[reason] + FORCE_TAIL}, messages[-1]]
+
+
+def encode_example(row: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """An SFT row {"messages", "tools", optional "train_from"} -> (ids, loss mask).
+
+    Without `train_from` every assistant turn of the current tool loop is trained (chat.render_ids); with
+    it, only the assistant messages from that index on: the mask is cleared over the rendered prompt
+    of the messages before it, which must be a prefix of the whole rendering.
+    """
+    messages, tools = row["messages"], row.get("tools")
+    ids, mask = render_ids(messages, tokenizer, tools)
+    start = row.get("train_from")
+    if start:
+        if not 0 < start < len(messages) or messages[start].get("role") != "assistant":
+            raise NanoK2Error(f"train_from={start} does not point at an assistant message")
+        prefix, _ = render_ids(messages[:start], tokenizer, tools, add_generation_prompt=True)
+        if ids[:len(prefix)] != prefix:
+            raise NanoK2Error(f"train_from={start}: the prompt before it does not render as a prefix")
+        mask = [0] * len(prefix) + mask[len(prefix):]
+    return ids, mask
+
+
+@dataclass
+class TaskMix:
+    """How many tasks of each family and difficulty to draw from one training world."""
+    multihop: dict = field(default_factory=lambda: {1: 4, 2: 8, 3: 6, 4: 3})
+    constraint: dict = field(default_factory=lambda: {2: 4, 3: 6, 4: 3})
+    arithmetic: dict = field(default_factory=lambda: {2: 3, 3: 2})
+    trail_short: int = 6          # trails of 1-12 notes
+    trail_medium: int = 2         # 13-60 notes: they reach the keep-last-K regime
+    trail_long: int = 2           # 61-300 notes: tool-call indices as high as a 300-step run's
+    forced_share: float = 0.25    # trails that end with the budget's forced-answer message
+    long_views: int = 6           # single-step views kept per long trail (they all look alike)
+
+
+def world_examples(world, toolbox, count, limit: int, mix: TaskMix, rng: random.Random,
+                   config: AgentConfig | None = None) -> tuple[list[Example], dict]:
+    """Examples from one world's tasks; -> (examples, {family: tasks used})."""
+    from nanok2.world.tasks import make_tasks, make_trail
+
+    examples, used = [], {}
+    for family in ("multihop", "constraint", "arithmetic"):
+        for hops, n in getattr(mix, family).items():
+            try:
+                tasks = make_tasks(world, toolbox, family, hops, n)
+            except NanoK2Error:    # a small world may not hold n distinct tasks of this kind
+                continue
+            for t in tasks:
+                examples += agent_views(t.messages, count, limit, config)
+            used[family] = used.get(family, 0) + len(tasks)
+    depths = sorted(set(world.rendered.trails.depth))
+    def draw(low: int, high: int, n: int) -> list[int]:
+        return [rng.choice([d for d in depths if low <= d <= high] or depths) for _ in range(n)]
+
+    trail_hops = draw(1, 12, mix.trail_short) + draw(13, 60, mix.trail_medium) + draw(61, 300, mix.trail_long)
+    for hops in trail_hops:
+        task = make_trail(world, toolbox, hops, rng)
+        messages = forced_ending(task.messages) if rng.random() < mix.forced_share else task.messages
+        views = agent_views(messages, count, limit, config)
+        if len(views) > mix.long_views + 2:
+            # the first views (full, then outputs hidden) and the last (the answer) stay; the middle ones,
+            # all "question + last K steps", are sampled
+            middle = rng.sample(views[1:-1], mix.long_views)
+            views = [views[0], *middle, views[-1]]
+        examples += views
+        used["trail"] = used.get("trail", 0) + 1
+    return examples, used
+
+
+def write_examples(path, examples: list[Example], tools: list[dict]) -> int:
+    with open(path, "a", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_json(tools), ensure_ascii=False) + "\n")
+    return len(examples)

@@ -1,0 +1,305 @@
+"""`nanok2 train --recipe agent-tiny`: the whole recipe of nanok2-agent-tiny, from nothing to an INT4 K2 checkpoint.
+
+    worlds (seeds 1..N)  ->  tokenizer (world documents + gold conversations)
+                         ->  pre-training shards (documents)  and  SFT shards (gold trajectories cut into
+                             the views the agent loop shows, agent_data.py)
+    pre-train (MuonClip) ->  SFT with INT4 QAT on the routed experts (MuonClip)  ->  INT4 checkpoint
+                             (compressed-tensors, K2-Thinking's layout) with tokenizer, chat template and
+                             generation defaults
+
+Each stage writes its own folder under `out` and is skipped when already done, so `--resume` after a
+crash (or `kill -9`) continues with the stage that was running, training stages from their last
+checkpoint. The seeds stay below 1000: evaluation worlds start at 1000 (agent_cli.DEFAULT_EVAL_SEED).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanok2.errors import NanoK2Error
+
+AGENT_TINY_MODEL = dict(
+    hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=3,
+    q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1,
+    moe_intermediate_size=192, max_position_embeddings=2048, rope_scaling=None)
+MAX_CHECKPOINT_BYTES = 25 * 10**6
+
+
+@dataclass
+class AgentTinyConfig:
+    out: str = "runs/agent-tiny"
+    # --- worlds and data
+    first_seed: int = 1
+    worlds: int = 24                 # training worlds: seeds first_seed .. first_seed + worlds - 1
+    world_size: int = 10_000
+    pretrain_worlds: int = 6         # worlds whose documents are the pre-training text
+    tokenizer_worlds: int = 2
+    vocab_size: int = 3072           # base tokens; 256 special ids follow
+    context: int = 2048              # the model's context (max_position_embeddings), prompt and reply
+    reply_tokens: int = 256          # max tokens of one model turn (generation_config.json)
+    # --- model
+    model: dict = field(default_factory=lambda: dict(AGENT_TINY_MODEL))
+    # --- pre-training on documents
+    pretrain_steps: int = 150
+    pretrain_seq_len: int = 512
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
+    # --- SFT on agent views, with INT4 QAT
+    sft_steps: int = 900
+    sft_batch: int = 2
+    sft_lr: float = 2e-3
+    qat: str | None = "int4"
+    seed: int = 0
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConfig:
+    """`key=value` (and `model.key=value`) on the recipe; unknown keys list the known ones."""
+    from nanok2.config import ModelArgs
+    from nanok2.recipes import _parse_value
+
+    known = {f.name for f in dataclasses.fields(AgentTinyConfig)}
+    changes, model = {}, dict(cfg.model)
+    for item in overrides:
+        if "=" not in item:
+            raise NanoK2Error(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        if key.startswith("model."):
+            name = key[len("model."):]
+            if name not in {f.name for f in dataclasses.fields(ModelArgs)}:
+                raise NanoK2Error(f"unknown model key {name!r}")
+            model[name] = _parse_value(text, model.get(name, getattr(ModelArgs.from_preset("tiny"), name)), key)
+        elif key in known and key != "model":
+            changes[key] = _parse_value(text, getattr(cfg, key), key)
+        else:
+            raise NanoK2Error(f"unknown key {key!r} for recipe agent-tiny; known: {', '.join(sorted(known))} "
+                              "(and model.<ModelArgs field>)")
+    cfg = dataclasses.replace(cfg, model=model, **changes)
+    if cfg.first_seed + cfg.worlds > 1000:
+        raise NanoK2Error("training worlds must have seeds below 1000 (evaluation worlds start at 1000)")
+    if min(cfg.pretrain_worlds, cfg.tokenizer_worlds) > cfg.worlds or min(cfg.worlds, cfg.tokenizer_worlds) < 1:
+        raise NanoK2Error("need 1 <= tokenizer_worlds, pretrain_worlds <= worlds")
+    return cfg
+
+
+# ---- stages ----------------------------------------------------------------------------------------
+
+SPECIAL_RE = re.compile(r"<\|[a-z_]+\|>")
+
+
+def _log(msg: str) -> None:
+    print(f"[agent-tiny {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "DONE").exists()
+
+
+def _mark_done(folder: Path, info: dict) -> None:
+    (folder / "DONE").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _fresh(folder: Path) -> Path:
+    """An empty folder for a stage that did not finish (what a killed stage left is its own scratch)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _worlds(cfg: AgentTinyConfig, n: int):
+    from nanok2.world import Toolbox, build_world
+
+    for seed in range(cfg.first_seed, cfg.first_seed + n):
+        world = build_world(seed, cfg.world_size)
+        yield world, Toolbox(world.corpus)
+
+
+def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
+    """Pre-training documents (JSONL) and the tokenizer's text: documents plus gold conversations."""
+    from nanok2.chat import render
+    from nanok2.world import make_tasks
+    from nanok2.world.tools import SCHEMAS
+
+    folder = _fresh(out / "text")
+    docs = chars = 0
+    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f_docs, \
+            open(folder / "tokenizer.txt", "w", encoding="utf-8") as f_tok:
+        for k, (world, toolbox) in enumerate(_worlds(cfg, max(cfg.pretrain_worlds, cfg.tokenizer_worlds))):
+            for d in world.corpus.docs:
+                if k < cfg.pretrain_worlds:
+                    f_docs.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
+                    docs += 1
+                if k < cfg.tokenizer_worlds:
+                    f_tok.write(d.text + "\n\n")
+                    chars += len(d.text)
+            if k < cfg.tokenizer_worlds:
+                for family, hops in (("multihop", 2), ("multihop", 3), ("constraint", 3), ("trail", 8),
+                                     ("arithmetic", 2)):
+                    try:
+                        tasks = make_tasks(world, toolbox, family, hops, 10)
+                    except NanoK2Error:  # a small world: fewer tasks of this kind
+                        tasks = []
+                    for task in tasks:
+                        text = SPECIAL_RE.sub("\n", render(task.messages, SCHEMAS))
+                        f_tok.write(text + "\n\n")
+                        chars += len(text)
+    info = {"pretrain_documents": docs, "tokenizer_chars": chars}
+    _mark_done(folder, info)
+    return info
+
+
+def stage_tokenizer(cfg: AgentTinyConfig, out: Path) -> dict:
+    from nanok2.chat import own_chat_template
+    from nanok2.tokenizer import train as train_tokenizer
+
+    folder = _fresh(out / "tokenizer")
+    tok = train_tokenizer([str(out / "text" / "tokenizer.txt")], cfg.vocab_size)
+    tok.save(folder, chat_template=own_chat_template())
+    info = {"n_vocab": tok.n_vocab}
+    _mark_done(folder, info)
+    return info
+
+
+def stage_sft_data(cfg: AgentTinyConfig, out: Path) -> dict:
+    """Every training world's tasks, cut into agent views (agent_data.world_examples)."""
+    from nanok2.agent_data import TaskMix, prompt_limit, world_examples, write_examples
+    from nanok2.chat import render_ids
+    from nanok2.tokenizer import Tokenizer
+    from nanok2.world.tools import SCHEMAS
+
+    folder = _fresh(out / "sft-data")
+    tok = Tokenizer.load(out / "tokenizer")
+    limit = prompt_limit(cfg.context, cfg.reply_tokens)
+
+    def count(messages: list[dict]) -> int:  # as the agent's EngineBackend counts a prompt
+        return len(render_ids(messages, tok, SCHEMAS, add_generation_prompt=True)[0])
+
+    rng = random.Random(f"agent-tiny:{cfg.seed}")
+    used_total: dict[str, int] = {}
+    n = 0
+    for world, toolbox in _worlds(cfg, cfg.worlds):
+        examples, used = world_examples(world, toolbox, count, limit, TaskMix(), rng)
+        n += write_examples(folder / "sft.jsonl", examples, SCHEMAS)
+        for k, v in used.items():
+            used_total[k] = used_total.get(k, 0) + v
+        _log(f"world {world.seed}: {len(examples)} examples from {sum(used.values())} tasks")
+    info = {"examples": n, "tasks": used_total, "prompt_limit": limit}
+    _mark_done(folder, info)
+    return info
+
+
+def stage_shards(cfg: AgentTinyConfig, out: Path) -> dict:
+    from nanok2.data import tokenize_files
+
+    folder = _fresh(out / "shards")
+    tok = str(out / "tokenizer")
+    pre = tokenize_files(tok, [str(out / "text" / "docs.jsonl")], str(folder / "pretrain"))
+    sft = tokenize_files(tok, [str(out / "sft-data" / "sft.jsonl")], str(folder / "sft"), sft=True,
+                         align=cfg.context)
+    info = {"pretrain_tokens": pre["tokens"], "sft_tokens": sft["tokens"], "sft_padding": sft.get("padding")}
+    _mark_done(folder, info)
+    return info
+
+
+def _train_stage(cfg: AgentTinyConfig, out: Path, name: str, resume: bool, **fields) -> dict:
+    from nanok2.recipes import TrainConfig
+    from nanok2.train import train
+    from nanok2.train_state import latest_checkpoint
+    from nanok2.tokenizer import Tokenizer
+
+    folder = out / name
+    if (folder / "final" / "config.json").exists():
+        return {"skipped": True}
+    if not (resume and latest_checkpoint(folder) is not None):
+        shutil.rmtree(folder, ignore_errors=True)  # a stage killed before its first checkpoint starts over
+    model = {**cfg.model, "vocab_size": Tokenizer.load(out / "tokenizer").n_vocab}
+    tc = TrainConfig(preset="tiny", model=model, tokenizer=str(out / "tokenizer"), out=str(folder),
+                     seed=cfg.seed, progress=cfg.progress, **fields)
+    history = train(tc, resume=folder.exists())
+    last = history[-1] if history else {}
+    return {k: last.get(k) for k in ("step", "loss", "eval_loss", "max_logit", "balance", "tok_per_s")}
+
+
+def stage_quantize(cfg: AgentTinyConfig, out: Path) -> dict:
+    import torch
+
+    from nanok2.checkpoint import load_model
+    from nanok2.quant import copy_extra_files, quantize_model, save_quantized
+
+    src, folder = out / "sft" / "final", out / "model"
+    tmp = _fresh(out / ".tmp-model")
+    model = load_model(src, dtype="bfloat16")
+    with torch.no_grad():
+        quantize_model(model, targets="experts", group_size=32)
+    save_quantized(model, tmp)
+    copy_extra_files(src, tmp)
+    # K2-Thinking recommends temperature 1.0 for its own model; a model this small is greedy
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "max_new_tokens": cfg.reply_tokens, "context": cfg.context}, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in tmp.iterdir())
+    if size > MAX_CHECKPOINT_BYTES:
+        raise NanoK2Error(f"the INT4 checkpoint is {size / 1e6:.1f} MB, over the {MAX_CHECKPOINT_BYTES / 1e6:.0f} MB "
+                          "the recipe allows; make the model smaller")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    info = {"bytes": size}
+    _mark_done(folder, info)
+    return info
+
+
+def run_pipeline(cfg: AgentTinyConfig, resume: bool = False) -> dict:
+    out = Path(cfg.out)
+    saved = out / "recipe_config.json"
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise NanoK2Error(f"{out} already holds a run; pass --resume to continue it, or choose another "
+                              "out=DIR (nothing was changed)")
+        if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(cfg.to_json())):
+            raise NanoK2Error(f"{out} was started with another configuration ({saved}); use the same "
+                              "overrides to resume, or another out=DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() and resume else {}
+    stages = [
+        ("text", lambda: stage_text(cfg, out)),
+        ("tokenizer", lambda: stage_tokenizer(cfg, out)),
+        ("sft-data", lambda: stage_sft_data(cfg, out)),
+        ("shards", lambda: stage_shards(cfg, out)),
+        ("pretrain", lambda: _train_stage(
+            cfg, out, "pretrain", resume, data=str(out / "shards" / "pretrain"), seq_len=cfg.pretrain_seq_len,
+            batch_size=cfg.pretrain_batch, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, schedule="wsd",
+            warmup=20, eval_every=50, ckpt_every=25)),
+        ("sft", lambda: _train_stage(
+            cfg, out, "sft", resume, data=str(out / "shards" / "sft"), seq_len=cfg.context,
+            batch_size=cfg.sft_batch, steps=cfg.sft_steps, lr=cfg.sft_lr, schedule="wsd", warmup=30,
+            init_from=str(out / "pretrain" / "final"), qat=cfg.qat, eval_every=100, ckpt_every=50,
+            eval_sequences=8)),
+        ("model", lambda: stage_quantize(cfg, out)),
+    ]
+    for name, run in stages:
+        if name in summary and (_done(out / name) or (out / name / "final" / "config.json").exists()):
+            _log(f"{name}: done before, skipped")
+            continue
+        _log(f"{name}: start")
+        t0 = time.perf_counter()
+        info = run()
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        summary[name] = info
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        _log(f"{name}: {json.dumps(info)}")
+    summary["total_seconds"] = round(sum(v.get("seconds", 0) for v in summary.values() if isinstance(v, dict)), 1)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    _log(f"done in {summary['total_seconds'] / 60:.1f} min -> {out / 'model'}")
+    return summary

@@ -1,0 +1,203 @@
+"""Agent training data: every trained turn's context is exactly the prompt the agent loop shows at that
+step (checked by running the real loop on the gold turns), masks train only what they should, packed
+conversations never straddle a window, and the agent-tiny recipe runs end to end at toy size."""
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from nanok2.agent import Agent, AgentConfig
+from nanok2.agent_data import agent_views, encode_example, forced_ending, prompt_limit
+from nanok2.chat import StreamParser, render, render_ids
+from nanok2.data import ShardWriter, TokenDataset
+from nanok2.errors import NanoK2Error
+from nanok2.tokenizer import Tokenizer
+from nanok2.world import SYSTEM_PROMPT, Toolbox, build_world, make_tasks
+from nanok2.world.tools import SCHEMAS
+
+
+def raw_turn(message: dict) -> str:
+    """A gold assistant message as the raw K2 text a model writes."""
+    text = f"<think>{message.get('reasoning_content', '')}</think>{message.get('content') or ''}"
+    if message.get("tool_calls"):
+        text += "<|tool_calls_section_begin|>" + "".join(
+            f"<|tool_call_begin|>{c['id']}<|tool_call_argument_begin|>{c['function']['arguments']}<|tool_call_end|>"
+            for c in message["tool_calls"]) + "<|tool_calls_section_end|>"
+    return text + "<|im_end|>"
+
+
+class GoldReplay:
+    """A backend that writes the gold trajectory's turns in order and records every prompt it is given.
+    Tokens are characters of the K2 rendering."""
+
+    name = "gold-replay"
+
+    def __init__(self, turns: list[dict], context_tokens: int):
+        self.turns, self.context_tokens, self.max_tokens = turns, context_tokens, 0
+        self.prompts = []
+
+    def count_tokens(self, messages, tools):
+        return len(render(messages, tools, add_generation_prompt=True))
+
+    def complete(self, messages, tools, tool_choice="auto", on_event=None):
+        self.prompts.append(copy.deepcopy(messages))
+        parser = StreamParser()
+        parser.feed(raw_turn(self.turns[len(self.prompts) - 1]))
+        parser.flush()
+        return {**parser.finish(), "usage": {}}
+
+
+def count_chars(messages):
+    return len(render(messages, SCHEMAS, add_generation_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(11, 1200)
+
+
+@pytest.fixture(scope="module")
+def toolbox(world):
+    return Toolbox(world.corpus)
+
+
+def trained_prompts(examples) -> list[list[dict]]:
+    """The context of each trained assistant turn, in order."""
+    return [ex.messages[:i] for ex in examples for i in range(ex.train_from, len(ex.messages))
+            if ex.messages[i]["role"] == "assistant"]
+
+
+def strip(messages):
+    """What the loop keeps of a message that the gold one also has (the loop adds no extra keys we compare)."""
+    keep = ("role", "content", "tool_call_id")
+    out = []
+    for m in messages:
+        d = {k: m.get(k) for k in keep}
+        d["content"] = d["content"] or ""
+        if m.get("role") == "assistant":
+            d["reasoning"] = m.get("reasoning_content") or ""
+            d["calls"] = [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                          for c in m.get("tool_calls") or []]
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("family,hops,share", [("trail", None, 0.35), ("constraint", 3, 0.5), ("multihop", 3, 0.6)])
+def test_each_trained_turn_sees_exactly_the_prompt_the_loop_builds(world, toolbox, family, hops, share):
+    if family == "trail":
+        hops = max(world.rendered.trails.depth)  # the longest trail: hiding, then keep-last-K
+    task = make_tasks(world, toolbox, family, hops, 1)[0]
+    limit = int(count_chars(task.messages) * share)
+    config = AgentConfig(keep_last_steps=3)
+    examples = agent_views(task.messages, count_chars, limit, config)
+    gold_turns = [m for m in task.messages if m["role"] == "assistant"]
+    backend = GoldReplay(gold_turns, context_tokens=limit)
+    result = Agent(backend, toolbox, config).run(task.question, system_prompt=SYSTEM_PROMPT)
+    assert result.answer == task.answer and result.steps == len(gold_turns)
+    expected = trained_prompts(examples)
+    assert len(expected) == len(backend.prompts)
+    for step, (mine, loop) in enumerate(zip(expected, backend.prompts)):
+        assert strip(mine) == strip(loop), f"step {step + 1}"
+    # every view fits, and the long ones really were cut
+    assert all(count_chars(p) <= limit for p in expected)
+    assert len(examples) > 1
+    if family == "trail":
+        # a full prompt at step s holds 2 + 2s messages; keep-last-K drops whole steps
+        assert any(len(p) < 2 + 2 * s for s, p in enumerate(expected))
+
+
+def test_a_forced_final_answer_is_trained_in_the_loops_view(world, toolbox):
+    task = make_tasks(world, toolbox, "trail", 6, 1)[0]
+    n_calls = sum(len(m.get("tool_calls") or []) for m in task.messages)
+    messages = forced_ending(task.messages)
+    limit = 10**6
+    examples = agent_views(messages, count_chars, limit)
+    backend = GoldReplay([m for m in messages if m["role"] == "assistant"], context_tokens=limit)
+    result = Agent(backend, toolbox, AgentConfig(max_steps=n_calls)).run(task.question, system_prompt=SYSTEM_PROMPT)
+    assert result.stop_reason == "budget" and result.answer == task.answer
+    assert [strip(p) for p in trained_prompts(examples)] == [strip(p) for p in backend.prompts]
+    with pytest.raises(NanoK2Error):
+        forced_ending(messages[:-1])
+
+
+def test_prompt_limit_is_the_loops():
+    backend = GoldReplay([], context_tokens=2048)
+    backend.max_tokens = 256
+    assert Agent(backend, None).context_limit() == prompt_limit(2048, 256) == 1792
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    return Tokenizer({bytes([i]): i for i in range(256)})
+
+
+def test_train_from_masks_the_earlier_turns(world, toolbox, byte_tokenizer):
+    task = make_tasks(world, toolbox, "multihop", 2, 1)[0]
+    messages = task.messages
+    full_ids, full_mask = encode_example({"messages": messages, "tools": SCHEMAS}, byte_tokenizer)
+    assert full_ids == render_ids(messages, byte_tokenizer, SCHEMAS)[0]
+    last_call = max(i for i, m in enumerate(messages) if m.get("tool_calls"))
+    ids, mask = encode_example({"messages": messages, "tools": SCHEMAS, "train_from": last_call}, byte_tokenizer)
+    assert ids == full_ids
+    prefix = render_ids(messages[:last_call], byte_tokenizer, SCHEMAS, add_generation_prompt=True)[0]
+    assert not any(mask[:len(prefix)]) and mask[len(prefix):] == full_mask[len(prefix):]
+    trained = byte_tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert trained.startswith("<think>" + messages[last_call]["reasoning_content"])
+    assert trained.count("<|im_end|>") == len(messages) - last_call - (len(messages) - last_call) // 2
+    with pytest.raises(NanoK2Error, match="train_from=1"):
+        encode_example({"messages": messages, "tools": SCHEMAS, "train_from": 1}, byte_tokenizer)
+
+
+def test_aligned_packing_keeps_each_document_in_one_window(tmp_path):
+    w = ShardWriter(tmp_path / "d", vocab_size=100, kind="sft", align=8, pad_id=99)
+    docs = [list(range(1, 6)), list(range(10, 15)), list(range(20, 28)), [30, 31, 32]]
+    for d in docs:
+        w.add(d, [1] * len(d))
+    w.close()
+    data = TokenDataset(tmp_path / "d", seq_len=8)
+    windows = [data._window(*win) for win in data.train_windows]
+    assert len(windows) == 4
+    for d, (ids, mask) in zip(docs, windows):
+        ids, mask = ids[:8], mask[:8]  # a window's last token is the next one's first (a shifted target)
+        assert list(ids[:len(d)]) == d and mask[:len(d)].all() and not mask[len(d):].any()
+        assert all(t == 99 for t in ids[len(d):])
+    with pytest.raises(NanoK2Error, match="more than a window"):
+        ShardWriter(tmp_path / "e", vocab_size=100, kind="sft", align=4).add([1] * 5, [1] * 5)
+
+
+def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
+    """The whole pipeline on one small world and a few steps: an INT4 K2 checkpoint the agent loads;
+    a second call resumes (skips what is done); a stray run folder and bad overrides are refused."""
+    from nanok2.agent_recipe import AgentTinyConfig, apply_overrides, run_pipeline
+    from nanok2.checkpoint import load_model
+
+    out = tmp_path / "run"
+    cfg = apply_overrides(AgentTinyConfig(), [
+        f"out={out}", "worlds=1", "world_size=400", "pretrain_worlds=1", "tokenizer_worlds=1", "vocab_size=600",
+        "pretrain_steps=2", "pretrain_batch=2", "pretrain_seq_len=64", "sft_steps=2", "sft_batch=1",
+        "context=2048", "progress=false", "model.hidden_size=64", "model.num_hidden_layers=2"])
+    summary = run_pipeline(cfg)
+    model_dir = out / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    for name in ("tiktoken.model", "tokenizer_config.json", "generation_config.json"):
+        assert (model_dir / name).is_file()
+    assert json.loads((model_dir / "generation_config.json").read_text())["do_sample"] is False
+    model = load_model(model_dir)
+    assert model.args.vocab_size == Tokenizer.load(model_dir).n_vocab
+    assert summary["sft"]["step"] == 2 and summary["model"]["bytes"] < 25e6
+    manifest = json.loads((out / "shards" / "sft" / "manifest.json").read_text())
+    assert manifest["align"] == 2048
+    with pytest.raises(NanoK2Error, match="already holds a run"):
+        run_pipeline(cfg)
+    capsys.readouterr()
+    again = run_pipeline(cfg, resume=True)
+    assert "done before, skipped" in capsys.readouterr().out
+    assert again["model"] == summary["model"]
+    with pytest.raises(NanoK2Error, match="another configuration"):
+        run_pipeline(apply_overrides(cfg, ["sft_steps=3"]), resume=True)
+    with pytest.raises(NanoK2Error, match="unknown key 'stepz'"):
+        apply_overrides(cfg, ["stepz=3"])
+    with pytest.raises(NanoK2Error, match="below 1000"):
+        apply_overrides(cfg, ["first_seed=990", "worlds=20"])
