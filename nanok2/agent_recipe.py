@@ -46,13 +46,13 @@ class AgentTinyConfig:
     reply_tokens: int = 256          # max tokens of one model turn (generation_config.json)
     # --- model
     model: dict = field(default_factory=lambda: dict(AGENT_TINY_MODEL))
-    # --- pre-training on documents
-    pretrain_steps: int = 150
+    # --- pre-training on documents (each repeated once: see stage_text)
+    pretrain_steps: int = 300
     pretrain_seq_len: int = 512
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     # --- SFT on agent views, with INT4 QAT
-    sft_steps: int = 900
+    sft_steps: int = 1000
     sft_batch: int = 2
     sft_lr: float = 2e-3
     qat: str | None = "int4"
@@ -138,7 +138,10 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
         for k, (world, toolbox) in enumerate(_worlds(cfg, max(cfg.pretrain_worlds, cfg.tokenizer_worlds))):
             for d in world.corpus.docs:
                 if k < cfg.pretrain_worlds:
-                    f_docs.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
+                    # each document twice in a row: the second copy can only be predicted by looking back,
+                    # which grows the induction (copy) heads an agent needs to carry names and docids
+                    # from tool outputs into its calls; without it they had not formed after 500 SFT steps
+                    f_docs.write(json.dumps({"text": d.text + "\n\n" + d.text}, ensure_ascii=False) + "\n")
                     docs += 1
                 if k < cfg.tokenizer_worlds:
                     f_tok.write(d.text + "\n\n")
