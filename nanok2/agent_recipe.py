@@ -46,7 +46,7 @@ class AgentTinyConfig:
     reply_tokens: int = 256          # max tokens of one model turn (generation_config.json)
     # --- model
     model: dict = field(default_factory=lambda: dict(AGENT_TINY_MODEL))
-    # --- pre-training on documents (each repeated once: see stage_text)
+    # --- pre-training on documents
     pretrain_steps: int = 300
     pretrain_seq_len: int = 512
     pretrain_batch: int = 16
@@ -138,10 +138,7 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
         for k, (world, toolbox) in enumerate(_worlds(cfg, max(cfg.pretrain_worlds, cfg.tokenizer_worlds))):
             for d in world.corpus.docs:
                 if k < cfg.pretrain_worlds:
-                    # each document twice in a row: the second copy can only be predicted by looking back,
-                    # which grows the induction (copy) heads an agent needs to carry names and docids
-                    # from tool outputs into its calls; without it they had not formed after 500 SFT steps
-                    f_docs.write(json.dumps({"text": d.text + "\n\n" + d.text}, ensure_ascii=False) + "\n")
+                    f_docs.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
                     docs += 1
                 if k < cfg.tokenizer_worlds:
                     f_tok.write(d.text + "\n\n")
