@@ -246,7 +246,7 @@ def stage_quantize(cfg: AgentTinyConfig, out: Path) -> dict:
     copy_extra_files(src, tmp)
     # K2-Thinking recommends temperature 1.0 for its own model; a model this small is greedy
     (tmp / "generation_config.json").write_text(json.dumps(
-        {"do_sample": False, "max_new_tokens": cfg.reply_tokens, "context": cfg.context}, indent=2) + "\n")
+        {"do_sample": False, "max_new_tokens": cfg.reply_tokens}, indent=2) + "\n")
     size = sum(f.stat().st_size for f in tmp.iterdir())
     if size > MAX_CHECKPOINT_BYTES:
         raise NanoK2Error(f"the INT4 checkpoint is {size / 1e6:.1f} MB, over the {MAX_CHECKPOINT_BYTES / 1e6:.0f} MB "

@@ -4,7 +4,6 @@ conversations never straddle a window, and the agent-tiny recipe runs end to end
 import copy
 import json
 
-import numpy as np
 import pytest
 
 from nanok2.agent import Agent, AgentConfig
