@@ -65,27 +65,9 @@ class AgentTinyConfig:
 
 def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConfig:
     """`key=value` (and `model.key=value`) on the recipe; unknown keys list the known ones."""
-    from nanok2.config import ModelArgs
-    from nanok2.recipes import _parse_value
+    from nanok2.recipes import apply_overrides as apply_config_overrides
 
-    known = {f.name for f in dataclasses.fields(AgentTinyConfig)}
-    changes, model = {}, dict(cfg.model)
-    for item in overrides:
-        if "=" not in item:
-            raise NanoK2Error(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        key = key.strip().lstrip("-").replace("-", "_")
-        if key.startswith("model."):
-            name = key[len("model."):]
-            if name not in {f.name for f in dataclasses.fields(ModelArgs)}:
-                raise NanoK2Error(f"unknown model key {name!r}")
-            model[name] = _parse_value(text, model.get(name, getattr(ModelArgs.from_preset("tiny"), name)), key)
-        elif key in known and key != "model":
-            changes[key] = _parse_value(text, getattr(cfg, key), key)
-        else:
-            raise NanoK2Error(f"unknown key {key!r} for recipe agent-tiny; known: {', '.join(sorted(known))} "
-                              "(and model.<ModelArgs field>)")
-    cfg = dataclasses.replace(cfg, model=model, **changes)
+    cfg = apply_config_overrides(cfg, overrides, what="agent-tiny recipe")
     if cfg.first_seed + cfg.worlds > 1000:
         raise NanoK2Error("training worlds must have seeds below 1000 (evaluation worlds start at 1000)")
     if min(cfg.pretrain_worlds, cfg.tokenizer_worlds) > cfg.worlds or min(cfg.worlds, cfg.tokenizer_worlds) < 1:

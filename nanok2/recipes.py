@@ -115,9 +115,13 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     return text
 
 
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """`key=value` and `model.key=value` strings -> a new TrainConfig. Unknown keys raise, listing the known."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+def apply_overrides(cfg, overrides: list[str], what: str = "training"):
+    """`key=value` and `model.key=value` strings -> a new config. Unknown keys raise, listing the known.
+
+    `cfg` is any config dataclass with a `model` dict of ModelArgs overrides (TrainConfig, or a pipeline's
+    config); `model.key=value` applies on top of its `preset` (default "tiny") and that dict.
+    """
+    known = {f.name for f in dataclasses.fields(cfg)}
     model_known = {f.name for f in dataclasses.fields(ModelArgs)}
     changes: dict[str, Any] = {}
     model_items: list[tuple[str, str]] = []
@@ -131,7 +135,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         elif key in known:
             changes[key] = _parse_value(text, getattr(cfg, key), key)
         else:
-            raise NanoK2Error(f"unknown training key {key!r}; known: {', '.join(sorted(known))} "
+            raise NanoK2Error(f"unknown {what} key {key!r}; known: {', '.join(sorted(known))} "
                               "(and model.<ModelArgs field>)")
     cfg = dataclasses.replace(cfg, **changes)
     # model.key=value applies on top of the (possibly overridden) preset and model dict
@@ -140,7 +144,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         name = key[len("model."):]
         if name not in model_known:
             raise NanoK2Error(f"unknown model key {name!r}; known: {', '.join(sorted(model_known))}")
-        current = model.get(name, getattr(ModelArgs.from_preset(cfg.preset), name))
+        current = model.get(name, getattr(ModelArgs.from_preset(getattr(cfg, "preset", "tiny")), name))
         model[name] = _parse_value(text, current, key)
     return dataclasses.replace(cfg, model=model)
 

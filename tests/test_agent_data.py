@@ -196,7 +196,7 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     assert again["model"] == summary["model"]
     with pytest.raises(NanoK2Error, match="another configuration"):
         run_pipeline(apply_overrides(cfg, ["sft_steps=3"]), resume=True)
-    with pytest.raises(NanoK2Error, match="unknown key 'stepz'"):
+    with pytest.raises(NanoK2Error, match="unknown agent-tiny recipe key 'stepz'"):
         apply_overrides(cfg, ["stepz=3"])
     with pytest.raises(NanoK2Error, match="below 1000"):
         apply_overrides(cfg, ["first_seed=990", "worlds=20"])
