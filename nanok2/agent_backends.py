@@ -37,6 +37,14 @@ class Backend(Protocol):
     def count_tokens(self, messages: list[dict], tools: list[dict] | None) -> int: ...
 
 
+def prompt_tokens(messages: list[dict], tokenizer, tools: list[dict] | None) -> int:
+    """The length of the prompt the engine is given for `messages`: rendered with the generation prompt.
+    The agent loop fits its context with this count, and agent-model training data (agent_data.py) must
+    be cut with the same one."""
+    ids, _ = render_ids(messages, tokenizer, tools, add_generation_prompt=True)
+    return len(ids)
+
+
 class EngineBackend:
     """nanok2's Engine: the K2 chat format rendered to ids, generated, parsed while streaming.
 
@@ -57,8 +65,7 @@ class EngineBackend:
         return self.params.max_tokens
 
     def count_tokens(self, messages: list[dict], tools: list[dict] | None) -> int:
-        ids, _ = render_ids(messages, self.engine.tokenizer, tools, add_generation_prompt=True)
-        return len(ids)
+        return prompt_tokens(messages, self.engine.tokenizer, tools)
 
     def complete(self, messages: list[dict], tools: list[dict] | None, tool_choice: str = "auto",
                  on_event: Callable | None = None) -> dict:

@@ -156,7 +156,7 @@ def stage_tokenizer(cfg: AgentTinyConfig, out: Path) -> dict:
 def stage_sft_data(cfg: AgentTinyConfig, out: Path) -> dict:
     """Every training world's tasks, cut into agent views (agent_data.world_examples)."""
     from nanok2.agent_data import TaskMix, prompt_limit, world_examples, write_examples
-    from nanok2.chat import render_ids
+    from nanok2.agent_backends import prompt_tokens
     from nanok2.tokenizer import Tokenizer
     from nanok2.world.tools import SCHEMAS
 
@@ -165,7 +165,7 @@ def stage_sft_data(cfg: AgentTinyConfig, out: Path) -> dict:
     limit = prompt_limit(cfg.context, cfg.reply_tokens)
 
     def count(messages: list[dict]) -> int:  # as the agent's EngineBackend counts a prompt
-        return len(render_ids(messages, tok, SCHEMAS, add_generation_prompt=True)[0])
+        return prompt_tokens(messages, tok, SCHEMAS)
 
     rng = random.Random(f"agent-tiny:{cfg.seed}")
     used_total: dict[str, int] = {}

@@ -75,9 +75,7 @@ class ShardWriter:
                                   f"({self.align}); use a longer seq_len or shorter documents")
             used = self._pending % self.align
             if used and used + ids.size > self.align:
-                gap = self.align - used
-                self._append(np.full(gap, self.pad_id), np.zeros(gap, dtype=np.uint8) if mask is not None else None)
-                self.padding += gap
+                self._pad(self.align - used)
         self._append(ids, mask)
         self.documents += 1
         if self._pending >= self.shard_tokens:
@@ -89,13 +87,16 @@ class ShardWriter:
             self._mask.append(mask)
         self._pending += ids.size
 
+    def _pad(self, n: int) -> None:
+        """n pad tokens, never trained on."""
+        self._append(np.full(n, self.pad_id), np.zeros(n, dtype=np.uint8) if self.kind == "sft" else None)
+        self.padding += n
+
     def _flush(self) -> None:
         if not self._pending:
             return
         if self.align:  # close the last window: it spans align + 1 tokens (inputs and shifted targets)
-            gap = (-self._pending) % self.align + 1
-            self._append(np.full(gap, self.pad_id), np.zeros(gap, dtype=np.uint8) if self.kind == "sft" else None)
-            self.padding += gap
+            self._pad((-self._pending) % self.align + 1)
         name = f"shard_{len(self.shards):05d}"
         ids = np.concatenate(self._ids)
         _write_atomic_bytes(self.out / f"{name}.bin", ids.tobytes())
