@@ -79,7 +79,7 @@ def run_one(data: str, out: str, optimizer: str, lr: float, steps: int, tau: flo
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tokens = generated_text(args.steps * 16 * 65 + 20_000)
+    tokens = generated_text(max(args.steps, args.clip_steps) * 16 * 65 + 20_000)   # never repeated
     with tempfile.TemporaryDirectory() as tmp:
         from nanok2.data import ShardWriter
         data = str(Path(tmp) / "data")
@@ -109,6 +109,10 @@ def run(args) -> int:
     max_noclip = max(r["max_logit"] for r in unclipped)
     late_clip = float(np.mean([r["max_logit"] for r in clipped[-20:]]))
     late_noclip = float(np.mean([r["max_logit"] for r in unclipped[-20:]]))
+    # how much the max logit moves from one step's forward to the next (new batch, one update) where the
+    # unclipped run is past tau: the margin by which a clip to tau can read above tau on the next forward
+    past = [r["max_logit"] for r in unclipped if r["max_logit"] > args.tau]
+    step_change = float(np.median(np.abs(np.diff(past)) / np.asarray(past[:-1]))) if len(past) > 2 else 0.0
     loss_clip = float(smooth([r["loss"] for r in clipped])[-1])
     loss_noclip = float(smooth([r["loss"] for r in unclipped])[-1])
     text = "\n".join([
@@ -122,7 +126,8 @@ def run(args) -> int:
               [["without QK-Clip", f"{max_noclip:.1f}", f"{late_noclip:.1f}", f"{loss_noclip:.4f}"],
                ["with QK-Clip", f"{max_clip:.1f}", f"{late_clip:.1f}", f"{loss_clip:.4f}"]]),
         "(logits are those of each step's forward, before that step's clip: a head clipped to tau on one batch "
-        "can read above it on the next, after one more update)",
+        "can read above it on the next, after one more update; without the clip, past tau, the max logit moves "
+        f"by a median {100 * step_change:.1f}% from one step to the next)",
     ])
     result = {"bench": "optim", "steps": args.steps,
               "adamw_lr": best_adam, "muonclip_lr": best_muon,
@@ -130,7 +135,8 @@ def run(args) -> int:
               "muonclip_steps_to_adamw_final": reach[best_muon], "steps_ratio_muonclip_vs_adamw": round(ratio, 3),
               "tau": args.tau, "clip_lr": clip_lr, "max_logit_with_clip": round(max_clip, 2),
               "max_logit_without_clip": round(max_noclip, 2), "late_max_logit_with_clip": round(late_clip, 2),
-              "late_max_logit_without_clip": round(late_noclip, 2), "final_loss_with_clip": round(loss_clip, 4),
+              "late_max_logit_without_clip": round(late_noclip, 2),
+              "max_logit_step_change": round(step_change, 4), "final_loss_with_clip": round(loss_clip, 4),
               "final_loss_without_clip": round(loss_noclip, 4), "seconds": round(time.perf_counter() - started, 1)}
     emit(text, result)
     return 0
@@ -141,9 +147,10 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=120, help="steps per run of the learning-rate sweep")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[1e-2, 3e-2])
-    p.add_argument("--clip-lr", type=float, default=0.05, help="the aggressive learning rate of the QK-Clip runs")
-    p.add_argument("--clip-steps", type=int, default=80)
-    p.add_argument("--tau", type=float, default=30.0, help="QK-Clip threshold (K2: 100)")
+    p.add_argument("--clip-lr", type=float, default=0.02,
+                   help="the aggressive learning rate of the QK-Clip runs (unclipped, the max logit passes 2x tau)")
+    p.add_argument("--clip-steps", type=int, default=200)
+    p.add_argument("--tau", type=float, default=20.0, help="QK-Clip threshold (K2: 100)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     p.set_defaults(func=run)
