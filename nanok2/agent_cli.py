@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     _loop_args(agent)
     agent.set_defaults(func=run_agent)
 
-    ev = subparsers.add_parser("eval", help="evaluate the agent")
+    ev = subparsers.add_parser("eval", help="evaluate the agent (world) or a model's copying from context (copy)")
     sub = ev.add_subparsers(dest="eval_command", metavar="SUITE", required=True)
     world = sub.add_parser("world", help="exact-answer accuracy on generated tasks of an unseen world")
     world.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="the world (use seeds not trained on)")
@@ -75,6 +75,18 @@ def register(subparsers) -> None:
     _backend_args(world)
     _loop_args(world)
     world.set_defaults(func=run_eval_world)
+
+    copy = sub.add_parser("copy", help="does a model copy from its context? loss on a repeated span vs its first time")
+    copy.add_argument("--model", type=Path, required=True, help="a checkpoint folder with its tokenizer")
+    copy.add_argument("--world", type=int, default=DEFAULT_EVAL_SEED, help="text: this world's documents (unseen)")
+    copy.add_argument("--size", type=int, default=2000, help="documents of that world")
+    copy.add_argument("--text", type=Path, help="text instead: a .txt file (one text per line) or .jsonl with 'text'")
+    copy.add_argument("--n", type=int, default=48, help="windows")
+    copy.add_argument("--span", type=int, default=8, help="tokens copied")
+    copy.add_argument("--length", type=int, default=192, help="tokens per window")
+    copy.add_argument("--seed", type=int, default=0)
+    copy.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    copy.set_defaults(func=run_eval_copy)
 
 
 # ---- building the parts ----------------------------------------------------------------------------
@@ -181,6 +193,12 @@ def run_agent(args) -> int:
         print(f"gold answer: {task.answer} ({verdict}; the gold trajectory makes {gold_calls} tool calls)")
     print(f"log: {log}")
     return 0
+
+
+def run_eval_copy(args) -> int:
+    from nanok2.copy_probe import run_eval_copy as run
+
+    return run(args)
 
 
 def run_eval_world(args) -> int:

@@ -210,7 +210,22 @@ def _train_stage(cfg: AgentTinyConfig, out: Path, name: str, resume: bool, **fie
                      seed=cfg.seed, progress=cfg.progress, **fields)
     history = train(tc, resume=folder.exists())
     last = history[-1] if history else {}
-    return {k: last.get(k) for k in ("step", "loss", "eval_loss", "max_logit", "balance", "tok_per_s")}
+    info = {k: last.get(k) for k in ("step", "loss", "eval_loss", "max_logit", "balance", "tok_per_s")}
+    info["copy_probe"] = _copy_probe(cfg, out, folder / "final")
+    return info
+
+
+def _copy_probe(cfg: AgentTinyConfig, out: Path, checkpoint: Path) -> dict:
+    """Does the trained model copy from its context (copy_probe.py)? On documents of an evaluation world."""
+    from nanok2.agent_cli import DEFAULT_EVAL_SEED
+    from nanok2.checkpoint import load_model
+    from nanok2.copy_probe import model_probe, world_texts
+    from nanok2.tokenizer import Tokenizer
+
+    model = load_model(checkpoint, dtype="float32")
+    texts = world_texts(DEFAULT_EVAL_SEED, min(cfg.world_size, 2000))
+    probe = model_probe(model, Tokenizer.load(out / "tokenizer"), texts, length=min(192, cfg.context))
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in probe.to_json().items()}
 
 
 def stage_quantize(cfg: AgentTinyConfig, out: Path) -> dict:

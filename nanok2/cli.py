@@ -23,7 +23,7 @@ COMMANDS = {
     "generate": ("nanok2.generate_cli", "continue a prompt, streaming the text"),
     "chat": ("nanok2.generate_cli", "an interactive chat that streams thinking and the answer"),
     "agent": ("nanok2.agent_cli", "run the agent on a question over a world or your documents"),
-    "eval": ("nanok2.agent_cli", "evaluate the agent"),
+    "eval": ("nanok2.agent_cli", "evaluate the agent, or a model's copying from its context"),
     "cost": ("nanok2.cost", "training FLOPs, GPU-hours and dollars for a preset and a token count"),
     "bench": ("nanok2.bench", "benchmarks: a table, then one JSON line"),
 }

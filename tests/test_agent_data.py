@@ -186,6 +186,9 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     model = load_model(model_dir)
     assert model.args.vocab_size == Tokenizer.load(model_dir).n_vocab
     assert summary["sft"]["step"] == 2 and summary["model"]["bytes"] < 25e6
+    for stage in ("pretrain", "sft"):        # each trained model's copying, measured on an unseen world
+        probe = summary[stage]["copy_probe"]
+        assert probe["windows"] == 48 and probe["gain"] == pytest.approx(probe["first"] - probe["repeat"], abs=2e-3)
     manifest = json.loads((out / "shards" / "sft" / "manifest.json").read_text())
     assert manifest["align"] == 2048
     with pytest.raises(NanoK2Error, match="already holds a run"):
