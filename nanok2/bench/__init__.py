@@ -10,6 +10,7 @@ BENCH_MODULES = [
     "nanok2.bench.optim",         # bench optim
     "nanok2.bench.quant",         # bench quant
     "nanok2.bench.qat",           # bench qat
+    "nanok2.bench.copy",          # bench copy
 ]
 
 
