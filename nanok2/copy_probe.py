@@ -108,18 +108,31 @@ def world_texts(seed: int, size: int) -> list[str]:
     return [f"{d.title}\n{d.text}" for d in build_world(seed, size).corpus.docs]
 
 
+def read_texts(path) -> list[str]:
+    """A .txt file (one text per non-empty line) or a .jsonl file of {"text": ...} records."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanoK2Error(f"--text {path}: cannot read it ({e})") from None
+    if path.suffix != ".jsonl":
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise NanoK2Error(f"--text {path}, line {n}: expected a JSON object with a 'text' field") from None
+    return texts
+
+
 def run_eval_copy(args) -> int:
     from nanok2.checkpoint import load_model
     from nanok2.tokenizer import Tokenizer
 
     torch.set_grad_enabled(False)
+    texts = read_texts(args.text) if args.text else world_texts(args.world, args.size)
     model = load_model(args.model, dtype="float32")
     tokenizer = Tokenizer.load(args.model)
-    if args.text:
-        texts = [json.loads(line)["text"] if args.text.suffix == ".jsonl" else line
-                 for line in args.text.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        texts = world_texts(args.world, args.size)
     r = model_probe(model, tokenizer, texts, n=args.n, span=args.span, length=args.length, seed=args.seed)
     print(f"copy probe on {args.model}: {r.windows} windows of {r.length} tokens, a span of {r.span} copied")
     print(f"  nats per token where the span is new   {r.first:7.3f}")

@@ -76,3 +76,12 @@ def test_eval_copy_command_on_a_checkpoint(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["eval"] == "copy" and out["windows"] == 4 and out["length"] == 96
     assert out["gain"] == pytest.approx(out["first"] - out["repeat"])
+
+
+def test_eval_copy_names_a_bad_text_line(tmp_path, capsys):
+    from nanok2.cli import main
+
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    assert main(["eval", "copy", "--model", str(tmp_path / "absent"), "--text", str(bad)]) == 2
+    assert "line 2: expected a JSON object with a 'text' field" in capsys.readouterr().err
