@@ -129,7 +129,6 @@ def run_eval_copy(args) -> int:
     from nanok2.checkpoint import load_model
     from nanok2.tokenizer import Tokenizer
 
-    torch.set_grad_enabled(False)
     texts = read_texts(args.text) if args.text else world_texts(args.world, args.size)
     model = load_model(args.model, dtype="float32")
     tokenizer = Tokenizer.load(args.model)

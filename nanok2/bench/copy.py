@@ -9,7 +9,7 @@ one that copies goes towards 0.
 
 Each variant trains from the same initialisation seed on the same batches with MuonClip, for the same
 steps: the agent-tiny architecture, and the same with wider attention (4 heads, kv_lora 128, head dims
-64), which learned faster in the measurements of issue #8. `--model key=value` changes both.
+64), to see whether attention capacity is what holds copying back. `--model key=value` changes both.
 """
 from __future__ import annotations
 
