@@ -26,11 +26,10 @@ WIDE_ATTENTION = dict(num_attention_heads=4, q_lora_rank=192, kv_lora_rank=128, 
                       v_head_dim=64)
 
 
-def copy_batch(g: torch.Generator, batch: int, window: int, span: int, symbols: int,
-               first_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def copy_batch(g: torch.Generator, batch: int, window: int, span: int, symbols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [batch, window] of random symbols with one span repeated later, and the loss mask [batch, window-1]
     that selects the predictions of the copy's tokens 2..span."""
-    x = torch.randint(first_id, first_id + symbols, (batch, window), generator=g)
+    x = torch.randint(0, symbols, (batch, window), generator=g)
     mask = torch.zeros(batch, window - 1)
     for b in range(batch):
         p1 = int(torch.randint(0, window - 2 * span, (1,), generator=g))
