@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nanok2.bench.report import emit, table
+from nanok2.errors import NanoK2Error
 
 WIDE_ATTENTION = dict(num_attention_heads=4, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
                       v_head_dim=64)
@@ -79,6 +80,10 @@ def run(args) -> int:
     from nanok2.agent_recipe import AGENT_TINY_MODEL
     from nanok2.recipes import apply_overrides
 
+    if args.span < 2 or args.window < 2 * args.span + 1 or args.symbols < 2 or min(args.steps, args.every) < 1:
+        raise NanoK2Error(f"bench copy: need --span >= 2, --window >= 2 * span + 1, --symbols >= 2 and --steps, "
+                          f"--every >= 1 (got span {args.span}, window {args.window}, symbols {args.symbols}, "
+                          f"steps {args.steps}, every {args.every})")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     base = {**AGENT_TINY_MODEL, "vocab_size": args.symbols}
