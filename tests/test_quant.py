@@ -11,7 +11,7 @@ import torch
 from nanok2.checkpoint import load_model, save_model
 from nanok2.config import ModelArgs
 from nanok2.errors import CheckpointError, NanoK2Error
-from nanok2.int4_linear import Int4Experts, Int4Linear, set_int4_kernel
+from nanok2.int4_linear import Int4Experts, Int4Linear, gemv_kernel, set_int4_kernel
 from nanok2.model import build_model
 from nanok2.moe import grouped_experts, looped_experts
 from nanok2.quant import (dequantize, disable_qat, enable_qat, fake_quant, pack_int4, quantization_config,
@@ -122,6 +122,86 @@ def test_int4_experts_grouped_matches_looped():
         fast = grouped_experts(moe.experts, xs, idx, w)
         slow = looped_experts(moe.experts, xs, idx, w)
     assert torch.allclose(fast.float(), slow.float(), atol=2e-2 * slow.abs().max().item())
+
+
+# ---------------------------------------------------------------- the gemv kernel's int8 activations
+# The gemv kernel rounds activations to int8 in blocks of 32: s_b = max|x_b| / 127, x_i ~ s_b * round(x_i / s_b),
+# so |error_i| <= s_b / 2 = max|x_b| / 254, and a dot product with a weight row w is off by at most
+# sum_b max|x_b| / 254 * sum_{i in b} |w_i| (the products of q_w and q_x are then exact in int32; the scaling
+# and the sum run in fp32). On Gaussian data the rounding errors are ~uniform in ±s_b/2 (std s_b / sqrt(12))
+# and a block's max is ~2.4 std (RMS over blocks of 32), so the outputs' relative RMS error is
+# ~2.4 / (127 sqrt(12)) = 0.55%.
+
+def _kernel():
+    k = gemv_kernel()
+    if k is None:
+        pytest.skip("no AVX2 int4 kernel on this machine")
+    return k
+
+
+def _random_int4(n, k, gs, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_groupwise(torch.randn(n, k, generator=g) / k ** 0.5, gs)
+    return pack_int4(q), scale, dequantize(q, scale, torch.float64)
+
+
+def _int8_blocks(x):
+    """x [M, K] fp32 as the kernel rounds it (fp32 scale arithmetic, round half to even), in fp64."""
+    xb = x.view(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    return (torch.round(xb * (127 / amax)) * (amax / 127)).double().view(x.shape)
+
+
+# K = 1024 and 2048: the 256-weight main loop; 320, 352, 96, 32: the leftover chunks and a lone block; group sizes
+# 32, 64, 128, 256, 512 take their own scale paths, 96 the generic one; 1-9 and 16 rows every tile shape
+@pytest.mark.parametrize("n, k, gs", [(64, 1024, 32), (13, 2048, 32), (9, 320, 32), (7, 352, 32), (5, 96, 32),
+                                      (6, 32, 32), (8, 1024, 64), (8, 896, 128), (8, 768, 256), (8, 1536, 512),
+                                      (8, 288, 96)])
+def test_int4_gemv_is_exact_on_int8_activations(n, k, gs):
+    kernel = _kernel()
+    packed, scale, w = _random_int4(n, k, gs, seed=n + k + gs)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 9, 16):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        x[:, : k // 3] *= 20                                      # blocks of very different scales
+        y = kernel.int4_linear(x, packed, scale, gs).double()
+        emulated = _int8_blocks(x) @ w.T
+        fp32_slack = 1e-5 * (_int8_blocks(x).abs() @ w.abs().T)  # fp32 scaling and summation only
+        assert bool(((y - emulated).abs() <= fp32_slack).all()), (rows, (y - emulated).abs().max().item())
+
+
+def test_int4_gemv_error_within_int8_bound():
+    kernel = _kernel()
+    packed, scale, w = _random_int4(256, 1024, 32, seed=3)
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(4))
+    exact = x.double() @ w.T
+    y = torch.cat([kernel.int4_linear(x[i:i + 16].contiguous(), packed, scale, 32) for i in range(0, 64, 16)]).double()
+    bound = x.double().abs().view(64, 32, 32).amax(-1) @ w.abs().view(256, 32, 32).sum(-1).T / 254
+    assert bool(((y - exact).abs() <= bound + 1e-5 * (x.double().abs() @ w.abs().T)).all())
+    rel = ((y - exact).norm() / exact.norm()).item()
+    assert 0.002 < rel < 0.01, rel                                # ~0.5% (see above); 0 would mean no rounding
+
+
+def test_int4_expert_and_moe_kernels_match_reference():
+    """`int4_expert` (one expert, up to 16 rows) and `int4_moe` (a layer's routed experts, up to 4 tokens) against
+    the dequantized reference. Two int8 roundings in a row, of x and of silu(gate) * up (~0.55% RMS each on
+    Gaussian data, more on the heavier-tailed silu(gate) * up, whose block maxima are larger): ~1.2% RMS here."""
+    torch.manual_seed(0)
+    E, D, inter, k = 8, 512, 256, 3
+    experts = Int4Experts(E, D, inter, 32)
+    for mlp in experts:
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.set_quantized(*quantize_groupwise(torch.randn(lin.out_features, lin.in_features) / lin.in_features ** 0.5, 32))
+    x = torch.randn(4, D)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(4)])
+    w = torch.softmax(torch.randn(4, k), -1)
+    with torch.no_grad():
+        _kernel()
+        fused = experts(x, idx, w)                                    # int4_moe
+        one = experts.expert(2, x[:3])                                # int4_expert
+        set_int4_kernel(experts, "reference")
+        ref, ref_one = experts(x, idx, w), experts.expert(2, x[:3])
+    for fast, slow in ((fused, ref), (one, ref_one)):
+        assert ((fast - slow).norm() / slow.norm()).item() < 0.02
 
 
 # ---------------------------------------------------------------- checkpoints
