@@ -47,37 +47,115 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// R input rows x[R, K] (fp32) times one weight row w[K] (bf16) -> y[r * ldy]. Two accumulators per
-// row (k and k+8) hide the latency of the fused multiply-add when R is small.
-template <int R>
-static inline void dot_rows(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
-  __m256 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m256 w0 = widen8(w + k), w1 = widen8(w + k + 8);
-    for (int r = 0; r < R; ++r) {
-      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8), w1, a1[r]);
-    }
+// The kernel widens 16 bf16 weights without a shuffle: loaded as 8 32-bit lanes, each lane holds an even
+// element in its low half and the next odd one in its high half, so `lane << 16` is the even elements
+// as fp32 and `lane & 0xFFFF0000` the odd ones. The activations are reordered to match, once per call:
+// in each run of 16, its 8 even elements then its 8 odd ones (a last run of 8, when K % 16 == 8, stays as is).
+static void split_pairs(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* v = x + m * K;
+    float* o = out + m * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      for (int j = 0; j < 8; ++j) { o[k + j] = v[k + 2 * j]; o[k + 8 + j] = v[k + 2 * j + 1]; }
+    for (; k < K; ++k) o[k] = v[k];
   }
-  for (; k < K; k += 8) {
-    __m256 w0 = widen8(w + k);
-    for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a0[r]);
-  }
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(a0[r], a1[r]));
 }
 
-// y[m, n] (row stride ldy) = x[M, K] . w[n, K] for n in [n0, n1): x fp32, w bf16, K % 8 == 0, serial.
-// Each weight row is read from memory once, then from L1 for every block of input rows.
+static inline void widen16(const uint16_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
+}
+
+// R input rows x[R, K] (fp32, split_pairs order) times one weight row w[K] (bf16) -> y[r * ldy]. A fused
+// multiply-add has a latency of 4 cycles: with one or two rows, four accumulator chains per row keep the
+// FMA units busy; with three or four rows, two per row (six or eight chains) do, within the 16 vector registers.
+template <int R>
+static inline void dot_rows(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
+  constexpr int A = R >= 3 ? 2 : 4;
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256 e0, o0, e1, o1;
+    widen16(w + k, e0, o0);
+    widen16(w + k + 16, e1, o1);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * K + k;
+      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), e0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), o0, acc[r][1]);
+      acc[r][2 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), e1, acc[r][2 % A]);
+      acc[r][3 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), o1, acc[r][3 % A]);
+    }
+  }
+  for (; k + 16 <= K; k += 16) {
+    __m256 e0, o0;
+    widen16(w + k, e0, o0);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), e0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8), o0, acc[r][1]);
+    }
+  }
+  if (k < K) {   // a last run of 8, in natural order
+    const __m256 w0 = widen8(w + k);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 sum = acc[r][0];
+    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+    y[r * ldy] = hsum(sum);
+  }
+}
+
+// More than 8 input rows (batch 16): a tile of 4 weight rows x 2 input rows, one accumulator each. 16 rows
+// of activations (64 kB for K = 1024) do not fit L1; re-reading them from L2 for every weight row, not the
+// arithmetic, bounded the row-at-a-time kernel. Here every activation vector loaded serves 4 weight rows.
+// 8 accumulators + 4 activation + 2 weight registers of the 16.
+template <int RW, int RX>
+static inline void tile(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
+  __m256 acc[RW][RX];
+  for (int i = 0; i < RW; ++i)
+    for (int j = 0; j < RX; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 xe[RX], xo[RX];
+    for (int j = 0; j < RX; ++j) { xe[j] = _mm256_loadu_ps(x + j * K + k); xo[j] = _mm256_loadu_ps(x + j * K + k + 8); }
+    for (int i = 0; i < RW; ++i) {
+      __m256 e, o;
+      widen16(w + i * K + k, e, o);
+      for (int j = 0; j < RX; ++j) acc[i][j] = _mm256_fmadd_ps(xo[j], o, _mm256_fmadd_ps(xe[j], e, acc[i][j]));
+    }
+  }
+  if (k < K)   // a last run of 8, in natural order
+    for (int i = 0; i < RW; ++i) {
+      const __m256 w0 = widen8(w + i * K + k);
+      for (int j = 0; j < RX; ++j) acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + j * K + k), w0, acc[i][j]);
+    }
+  for (int i = 0; i < RW; ++i)
+    for (int j = 0; j < RX; ++j) y[j * ldy + i] = hsum(acc[i][j]);
+}
+
+// y[m, n] (row stride ldy) = x[M, K] . w[n, K] for n in [n0, n1): x fp32 in split_pairs order, w bf16,
+// K % 8 == 0, serial. Up to 8 input rows: each weight row is read from memory once and multiplied into
+// every input row while it sits in L1 (decode is bound by reading the weights). More rows: tiles.
 static void rows_times_bf16_serial(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
                                    float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; ++n) {
+  int64_t n = n0;
+  if (M > 8)
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) tile<4, 2>(x + m * K, K, w + n * K, y + m * ldy + n, ldy);
+      if (m < M) tile<4, 1>(x + m * K, K, w + n * K, y + m * ldy + n, ldy);
+    }
+  for (; n < n1; ++n) {
     const uint16_t* row = w + n * K;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) dot_rows<4>(x + m * K, K, row, y + m * ldy + n, ldy);
-    for (; m + 2 <= M; m += 2) dot_rows<2>(x + m * K, K, row, y + m * ldy + n, ldy);
-    for (; m < M; ++m) dot_rows<1>(x + m * K, K, row, y + m * ldy + n, ldy);
+    if (M - m == 3) dot_rows<3>(x + m * K, K, row, y + m * ldy + n, ldy);
+    else if (M - m == 2) dot_rows<2>(x + m * K, K, row, y + m * ldy + n, ldy);
+    else if (M - m == 1) dot_rows<1>(x + m * K, K, row, y + m * ldy + n, ldy);
   }
 }
 
@@ -86,7 +164,9 @@ static void rows_times_bf16_serial(const float* x, int64_t M, int64_t K, const u
 static torch::Tensor rows_times_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  auto xs = torch::empty_like(x);
+  split_pairs(x.data_ptr<float>(), M, K, xs.data_ptr<float>());
+  const float* xp = xs.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(32, 262144 / K), [&](int64_t n0, int64_t n1) {
@@ -143,15 +223,17 @@ torch::Tensor experts_bf16(const torch::Tensor& x, const torch::Tensor& idx, con
       const int64_t e = active[a];
       const auto& ps = pairs[e];
       const int64_t M = ps.size();
-      xs.resize(M * D); h.resize(M * 2 * I); act.resize(M * I); o.resize(M * D);
-      for (int64_t m = 0; m < M; ++m) std::memcpy(&xs[m * D], xp + (ps[m] / k) * D, D * sizeof(float));
+      xs.resize(M * D); h.resize(M * 2 * I); act.resize(2 * M * I); o.resize(M * D);
+      for (int64_t m = 0; m < M; ++m) std::memcpy(&o[m * D], xp + (ps[m] / k) * D, D * sizeof(float));
+      split_pairs(o.data(), M, D, xs.data());
       rows_times_bf16_serial(xs.data(), M, D, gup + e * 2 * I * D, 0, 2 * I, h.data(), 2 * I);   // gate | up
       for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < I; ++i) {
           const float g = h[m * 2 * I + i];
           act[m * I + i] = g / (1.0f + std::exp(-g)) * h[m * 2 * I + I + i];
         }
-      rows_times_bf16_serial(act.data(), M, I, dp + e * D * I, 0, D, o.data(), D);
+      split_pairs(act.data(), M, I, act.data() + M * I);
+      rows_times_bf16_serial(act.data() + M * I, M, I, dp + e * D * I, 0, D, o.data(), D);
       for (int64_t m = 0; m < M; ++m) {
         const float wt = wp[ps[m]];
         float* yrow = yp + (ps[m] / k) * D;
