@@ -133,7 +133,7 @@ def make_backend(args):
     params = sampling(defaults)
     model = load_model(path)
     context = args.context or min(model.args.max_position_embeddings, 8192)
-    engine = Engine(model, Tokenizer.load(path), max_batch=1, max_seq=context, bf16_kernel=True)
+    engine = Engine(model, Tokenizer.load(path), max_batch=1, max_seq=context, cpu_kernels=True)
     return EngineBackend(engine, params, name=f"engine:{path}")
 
 

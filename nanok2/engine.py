@@ -14,6 +14,8 @@ Two ways in:
 Attention at decode runs in the *absorbed* form (DeepSeek-V3's `absorb`): `kv_b_proj`'s key rows are folded
 into the query and its value rows into the output, so nothing is expanded per head. Prefill uses the
 model's naive `MLA.attend` on the cached latent, the reference the absorbed form is tested against.
+With `cpu_kernels=True` a decode step is one C++ call (nanok2.fused_decode: the same maths, without
+≈70 small torch ops per layer); the eager `_decode` below stays as its reference.
 """
 from __future__ import annotations
 
@@ -91,10 +93,12 @@ class _Request:
 class Engine:
     """Continuous batching over a preallocated latent cache. Not thread-safe: one caller drives `step()`."""
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_seq: int = 4096, bf16_kernel: bool = False):
-        """`bf16_kernel`: on a bf16 model, run its linear layers and experts through nanok2.cpu_kernels (the
-        modules' classes are swapped in place, weights shared): faster at batch 1 and several times faster at
-        batch > 1 on CPUs without bf16 units. Off by default: the kernel is compiled on first use."""
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_seq: int = 4096, cpu_kernels: bool = False):
+        """`cpu_kernels`: run decode steps through nanok2's compiled CPU kernels: the whole step as one C++ call
+        (nanok2.fused_decode) and, on a bf16 model, its linear layers and experts through nanok2.cpu_kernels
+        for prefill (the modules' classes are swapped in place, weights shared). Several times faster on a CPU.
+        Off by default: the kernels are compiled on first use (a minute or two, then cached), and the eager
+        step is the reference the tests compare them with."""
         args = model.args
         if max_seq > args.max_position_embeddings:
             raise NanoK2Error(f"max_seq={max_seq} exceeds the model's max_position_embeddings={args.max_position_embeddings}")
@@ -103,9 +107,13 @@ class Engine:
         self.args = args
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
-        if bf16_kernel and self.dtype == torch.bfloat16 and self.device.type == "cpu":
+        self.fused = None
+        if cpu_kernels and self.device.type == "cpu":
             from nanok2.cpu_kernels import use_bf16_kernel
-            use_bf16_kernel(model)
+            from nanok2.fused_decode import FusedDecoder
+            if self.dtype == torch.bfloat16:
+                use_bf16_kernel(model)
+            self.fused = FusedDecoder.build(model)
         self.cache = LatentCache(args.num_hidden_layers, max_batch, max_seq, args.kv_lora_rank,
                                  args.qk_rope_head_dim, self.dtype, self.device)
         self.max_batch, self.max_seq = max_batch, max_seq
@@ -317,9 +325,11 @@ class Engine:
         """One token per running request: token t_b at position p_b of slot s_b; -> logits [B, V] fp32."""
         model, cache = self.model, self.cache
         B = len(slots)
-        ids = torch.tensor(tokens, device=self.device)[:, None]                     # [B, 1]
         pos = torch.tensor(positions, device=self.device)                            # [B]
         slot_idx = torch.tensor(slots, device=self.device)
+        if self.fused is not None:
+            return self.fused.step(torch.tensor(tokens), pos, slot_idx, cache.c_kv, cache.k_rope)
+        ids = torch.tensor(tokens, device=self.device)[:, None]                     # [B, 1]
         contiguous = slots == list(range(slots[0], slots[0] + B))
         T = max(positions) + 1
         cos, sin = model.rope(pos[:, None])

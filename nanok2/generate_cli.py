@@ -24,7 +24,7 @@ def _load(args):
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = Tokenizer.load(args.model)
     max_seq = args.max_seq or min(8192, model.args.max_position_embeddings)
-    return Engine(model, tokenizer, max_batch=1, max_seq=max_seq, bf16_kernel=True)
+    return Engine(model, tokenizer, max_batch=1, max_seq=max_seq, cpu_kernels=True)
 
 
 def _params(args):

@@ -67,7 +67,7 @@ def measure_decode(model, batch_size: int, prompt_len: int = 32, new_tokens: int
 
     vocab = model.args.vocab_size
     g = torch.Generator().manual_seed(batch_size)
-    engine = Engine(model, None, max_batch=batch_size, max_seq=prompt_len + new_tokens + 1, bf16_kernel=True)
+    engine = Engine(model, None, max_batch=batch_size, max_seq=prompt_len + new_tokens + 1, cpu_kernels=True)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, stop_token_ids=[])
     # warm-up: first calls allocate and choose kernels; it also leaves a cached prefix nobody shares
     list(engine.generate([vocab - 1] * 4, SamplingParams(temperature=0, max_tokens=3, stop_token_ids=[])))
