@@ -433,6 +433,8 @@ class Plan {
   // y[token] += weight * down(silu(gate x) * up x) for every task. Two parallel regions for all of them: the
   // gate and up rows of every task split over threads, then their down rows, so the threads share the
   // weights evenly whatever the number of experts and tokens (each weight row is read once per step).
+  static constexpr double ROW_COST = 3.0;   // a weight row's reading cost, in units of one token's multiply
+
   void feed_forward(const std::vector<Task>& tasks, const float* xn, float* y) {
     const int64_t A = tasks.size();
     std::vector<Prepared> in(A), mid(A);
@@ -461,7 +463,27 @@ class Plan {
         if (l1 > I) lin_rows(*t.up, in[a], hidden[a].data() + I, 2 * I, std::max(l0, I) - I, l1 - I);
       }
     };
-    at::parallel_for(0, first_up[A], 16, [&](int64_t r0, int64_t r1) { rows(first_up, r0, r1, true); });
+    // Each thread takes an equal share of the cost, not of the rows: a row costs its bytes plus the tokens it
+    // multiplies (at batch 16 an expert has 1 to 6 tokens), so a row of task a weighs ROW_COST + M_a.
+    auto balanced = [&](const std::vector<int64_t>& first, bool up_phase) {
+      std::vector<double> cost(A + 1, 0.0);
+      for (int64_t a = 0; a < A; ++a)
+        cost[a + 1] = cost[a] + double(first[a + 1] - first[a]) * (ROW_COST + double(tasks[a].tokens.size()));
+      const int64_t threads = at::get_num_threads();
+      auto row_at = [&](double c) {       // the global row where the cumulative cost reaches c
+        if (c >= cost[A]) return first[A];
+        const int64_t a = std::upper_bound(cost.begin(), cost.end(), c) - cost.begin() - 1;
+        const double per_row = ROW_COST + double(tasks[a].tokens.size());
+        return std::min(first[a + 1], first[a] + int64_t((c - cost[a]) / per_row));
+      };
+      at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = row_at(cost[A] * t / threads), r1 = row_at(cost[A] * (t + 1) / threads);
+          if (r1 > r0) rows(first, r0, r1, up_phase);
+        }
+      });
+    };
+    balanced(first_up, true);
     for (int64_t a = 0; a < A; ++a) {
       const int64_t M = tasks[a].tokens.size(), I = tasks[a].gate->N;
       float* hd = hidden[a].data();
@@ -469,7 +491,7 @@ class Plan {
         for (int64_t i = 0; i < I; ++i) hd[m * I + i] = silu(hd[m * 2 * I + i]) * hd[m * 2 * I + I + i];
       prepare(*tasks[a].down, hd, M, mid[a]);
     }
-    at::parallel_for(0, first_down[A], 16, [&](int64_t r0, int64_t r1) { rows(first_down, r0, r1, false); });
+    balanced(first_down, false);
     for (int64_t a = 0; a < A; ++a)
       for (size_t m = 0; m < tasks[a].tokens.size(); ++m) {
         const float wt = tasks[a].weight[m];
