@@ -431,50 +431,54 @@ class Plan {
   };
 
   // y[token] += weight * down(silu(gate x) * up x) for every task. Two parallel regions for all of them: the
-  // gate and up rows of every task split over threads, then their down rows, so the threads share the
-  // weights evenly whatever the number of experts and tokens (each weight row is read once per step).
+  // gate and up rows of every task split over threads (row i of both with its silu, so the exponentials are
+  // shared out too: at batch 16 they cost as much as a small matrix), then their down rows. The threads
+  // share the weights evenly whatever the number of experts and tokens; each weight row is read once per step.
   static constexpr double ROW_COST = 3.0;   // a weight row's reading cost, in units of one token's multiply
 
   void feed_forward(const std::vector<Task>& tasks, const float* xn, float* y) {
     const int64_t A = tasks.size();
     std::vector<Prepared> in(A), mid(A);
-    std::vector<std::vector<float>> gathered(A), hidden(A), out(A);
-    std::vector<int64_t> first_up(A + 1, 0), first_down(A + 1, 0);   // each task's first row in the two regions
+    std::vector<std::vector<float>> gathered(A), act(A), up(A), out(A);
+    // each task's first row in the two regions: I "rows" (gate row i and up row i) each, then D down rows
+    std::vector<int64_t> first_up(A + 1, 0), first_down(A + 1, 0);
     for (int64_t a = 0; a < A; ++a) {
       const Task& t = tasks[a];
       const int64_t M = t.tokens.size(), I = t.gate->N;
       gathered[a].resize(M * D);
       for (int64_t m = 0; m < M; ++m) std::memcpy(&gathered[a][m * D], xn + t.tokens[m] * D, D * sizeof(float));
       prepare(*t.gate, gathered[a].data(), M, in[a]);   // gate and up read the same prepared activations
-      hidden[a].resize(M * 2 * I);
+      act[a].resize(M * I);
+      up[a].resize(M * I);
       out[a].resize(M * D);
-      first_up[a + 1] = first_up[a] + 2 * I;
+      first_up[a + 1] = first_up[a] + I;
       first_down[a + 1] = first_down[a] + D;
     }
-    // rows [r0, r1) of the concatenation of every task's (gate rows, up rows), or of their down rows
+    // rows [r0, r1) of the concatenation of every task's rows in one of the two regions
     auto rows = [&](const std::vector<int64_t>& first, int64_t r0, int64_t r1, bool up_phase) {
       int64_t a = std::upper_bound(first.begin(), first.end(), r0) - first.begin() - 1;
       for (; a < A && first[a] < r1; ++a) {
         const Task& t = tasks[a];
         const int64_t l0 = std::max(r0, first[a]) - first[a], l1 = std::min(r1, first[a + 1]) - first[a];
         if (!up_phase) { lin_rows(*t.down, mid[a], out[a].data(), D, l0, l1); continue; }
-        const int64_t I = t.gate->N;
-        if (l0 < I) lin_rows(*t.gate, in[a], hidden[a].data(), 2 * I, l0, std::min(l1, I));
-        if (l1 > I) lin_rows(*t.up, in[a], hidden[a].data() + I, 2 * I, std::max(l0, I) - I, l1 - I);
+        const int64_t I = t.gate->N, M = t.tokens.size();
+        lin_rows(*t.gate, in[a], act[a].data(), I, l0, l1);
+        lin_rows(*t.up, in[a], up[a].data(), I, l0, l1);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = l0; i < l1; ++i) act[a][m * I + i] = silu(act[a][m * I + i]) * up[a][m * I + i];
       }
     };
-    // Each thread takes an equal share of the cost, not of the rows: a row costs its bytes plus the tokens it
-    // multiplies (at batch 16 an expert has 1 to 6 tokens), so a row of task a weighs ROW_COST + M_a.
+    // Each thread takes an equal share of the cost, not of the rows: a weight row costs its bytes plus the
+    // tokens it multiplies (at batch 16 an expert has 1 to 6 tokens), ROW_COST + M_a; an up-phase row is two.
     auto balanced = [&](const std::vector<int64_t>& first, bool up_phase) {
+      auto per_row = [&](int64_t a) { return (up_phase ? 2.0 : 1.0) * (ROW_COST + double(tasks[a].tokens.size())); };
       std::vector<double> cost(A + 1, 0.0);
-      for (int64_t a = 0; a < A; ++a)
-        cost[a + 1] = cost[a] + double(first[a + 1] - first[a]) * (ROW_COST + double(tasks[a].tokens.size()));
+      for (int64_t a = 0; a < A; ++a) cost[a + 1] = cost[a] + double(first[a + 1] - first[a]) * per_row(a);
       const int64_t threads = at::get_num_threads();
       auto row_at = [&](double c) {       // the global row where the cumulative cost reaches c
         if (c >= cost[A]) return first[A];
         const int64_t a = std::upper_bound(cost.begin(), cost.end(), c) - cost.begin() - 1;
-        const double per_row = ROW_COST + double(tasks[a].tokens.size());
-        return std::min(first[a + 1], first[a] + int64_t((c - cost[a]) / per_row));
+        return std::min(first[a + 1], first[a] + int64_t((c - cost[a]) / per_row(a)));
       };
       at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
@@ -484,13 +488,7 @@ class Plan {
       });
     };
     balanced(first_up, true);
-    for (int64_t a = 0; a < A; ++a) {
-      const int64_t M = tasks[a].tokens.size(), I = tasks[a].gate->N;
-      float* hd = hidden[a].data();
-      for (int64_t m = 0; m < M; ++m)    // silu(gate) * up, packed into the first M * I numbers
-        for (int64_t i = 0; i < I; ++i) hd[m * I + i] = silu(hd[m * 2 * I + i]) * hd[m * 2 * I + I + i];
-      prepare(*tasks[a].down, hd, M, mid[a]);
-    }
+    for (int64_t a = 0; a < A; ++a) prepare(*tasks[a].down, act[a].data(), tasks[a].tokens.size(), mid[a]);
     balanced(first_down, false);
     for (int64_t a = 0; a < A; ++a)
       for (size_t m = 0; m < tasks[a].tokens.size(); ++m) {
