@@ -3,8 +3,10 @@
 On AVX2 CPUs (no AVX512-BF16), torch's bf16 `F.linear` converts the weights again for every row of the
 input: its cost grows with the number of rows, so a decode step for 16 requests costs about 16 steps
 for one, and batching buys nothing. Decoding is bound by reading the weights; the kernel here reads
-each weight row once, widens it to fp32 in registers and multiplies it into up to 16 input rows while
-it sits in L1. For more rows (prefill) the weights are widened once and torch's fp32 matmul runs.
+each weight row once, widens it to fp32 in registers (a shift and a mask, no shuffle) and multiplies it
+into every input row while it sits in L1 (beyond 8 rows, in tiles of 4 weight rows x 2 input rows). Up
+to 16 rows run it; for more (prefill) the weights are widened once and torch's fp32 matmul runs. The
+fused decode step (fused_decode.py) compiles this source in and calls `rows_times_bf16_serial` directly.
 
 The kernel is C++ built on first use with torch's extension loader (cached under
 ~/.cache/torch_extensions; a minute or more the first time). Without a compiler or AVX2/FMA, nothing is
