@@ -252,6 +252,7 @@ class Plan {
     final_tensors = final_;
     final_norm = final_[0].data_ptr<float>();
     lm_head = make_lin(final_[1], final_[2], final_[3]);
+    TORCH_CHECK(lm_head.N == V && lm_head.K == D, "lm_head must be [vocab_size, hidden_size]");
   }
 
   // x [B, D] fp32 (the token embeddings), the whole cache c_kv [L, S, T, r] and k_rope [L, S, T, dr] (written
