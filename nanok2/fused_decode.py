@@ -76,16 +76,9 @@ static Lin make_lin(const torch::Tensor& w, const torch::Tensor& s, const torch:
   return L;
 }
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using bf16k::hsum;
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const uint16_t* p) {   // 8 bf16 -> fp32: a bf16 is the top half of an fp32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
+static inline __m256 load8(const uint16_t* p) { return bf16k::widen8(p); }   // 8 bf16 -> fp32
 static inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 static inline void store8(uint16_t* p, __m256 v) {   // fp32 -> bf16, round to nearest even
   __m256i u = _mm256_castps_si256(v);
@@ -100,7 +93,7 @@ template <typename T>
 static inline float dot(const float* a, const T* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-  return hsum8(acc);
+  return hsum(acc);
 }
 // y[n] += a * b[n]
 template <typename T>

@@ -10,14 +10,7 @@ from nanok2.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=64)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: a second thread only adds spinning and waiting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(preset: str = "tiny", seed: int = 0):

@@ -15,15 +15,8 @@ from nanok2.sampling import SamplingParams
 
 PRESETS = ["tiny", "tiny-noqlora", "tiny-grouped", "tiny-yarn"]
 
-pytestmark = pytest.mark.skipif(kernel() is None, reason="no AVX2/FMA or no C++ compiler here")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(kernel() is None, reason="no AVX2/FMA or no C++ compiler here"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def tiny_model(preset="tiny", dtype=torch.float32, seed=0):
