@@ -547,9 +547,7 @@ def _linear(module: nn.Module | None) -> list[torch.Tensor]:
             raise Unsupported(f"INT4 group size {module.group_size} with {module.in_features} inputs")
         weight, scale = module.weight_packed, module.weight_scale
     elif isinstance(module, nn.Linear):
-        weight, scale = module.weight, empty
-        if weight.dtype not in (torch.float32, torch.bfloat16):
-            raise Unsupported(f"{weight.dtype} weights")
+        weight, scale = _dense(module.weight), empty
     else:
         raise Unsupported(f"a {type(module).__name__} where a linear layer was expected")
     bias = empty if module.bias is None else module.bias.detach().float().contiguous()
@@ -557,6 +555,7 @@ def _linear(module: nn.Module | None) -> list[torch.Tensor]:
 
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:
+    """A float weight as the kernels read it (fp32 or bf16, contiguous)."""
     if weight.dtype not in (torch.float32, torch.bfloat16):
         raise Unsupported(f"{weight.dtype} weights")
     return weight.detach().contiguous()
