@@ -37,7 +37,7 @@ class AgentTinyConfig:
     out: str = "runs/agent-tiny"
     # --- worlds and data
     first_seed: int = 1
-    worlds: int = 24                 # training worlds: seeds first_seed .. first_seed + worlds - 1
+    worlds: int = 20                 # training worlds: seeds first_seed .. first_seed + worlds - 1
     world_size: int = 10_000
     pretrain_worlds: int = 6         # worlds whose documents are the pre-training text
     tokenizer_worlds: int = 2
@@ -46,11 +46,14 @@ class AgentTinyConfig:
     reply_tokens: int = 256          # max tokens of one model turn (generation_config.json)
     # --- model
     model: dict = field(default_factory=lambda: dict(AGENT_TINY_MODEL))
-    # --- pre-training on documents
-    pretrain_steps: int = 300
+    # --- pre-training on documents, with the copying curriculum (curriculum.py): windows growing from 32
+    # tokens to pretrain_seq_len at 2,048 tokens a step, a span copied forward per pretrain_copy_every tokens
+    pretrain_steps: int = 2400
     pretrain_seq_len: int = 512
-    pretrain_batch: int = 16
-    pretrain_lr: float = 3e-3
+    pretrain_batch: int = 4
+    pretrain_windows: list = field(default_factory=lambda: [[32, 300], [64, 900], [128, 1500], [256, 2000]])
+    pretrain_copy_every: int = 32
+    pretrain_lr: float = 1e-2
     # --- SFT on agent views, with INT4 QAT
     sft_steps: int = 1000
     sft_batch: int = 2
@@ -224,8 +227,12 @@ def _copy_probe(cfg: AgentTinyConfig, out: Path, checkpoint: Path) -> dict:
 
     model = load_model(checkpoint, dtype="float32")
     texts = world_texts(DEFAULT_EVAL_SEED, min(cfg.world_size, 2000))
-    probe = model_probe(model, Tokenizer.load(out / "tokenizer"), texts, length=min(192, cfg.context))
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in probe.to_json().items()}
+    tokenizer = Tokenizer.load(out / "tokenizer")
+    result = {}
+    for length in sorted({min(n, cfg.context) for n in (64, 192, 512)}):   # copies 16-500 tokens back
+        probe = model_probe(model, tokenizer, texts, length=length).to_json()
+        result[str(length)] = {k: round(probe[k], 3) for k in ("first", "repeat", "gain")}
+    return result
 
 
 def stage_quantize(cfg: AgentTinyConfig, out: Path) -> dict:
@@ -277,7 +284,8 @@ def run_pipeline(cfg: AgentTinyConfig, resume: bool = False) -> dict:
         ("pretrain", lambda: _train_stage(
             cfg, out, "pretrain", resume, data=str(out / "shards" / "pretrain"), seq_len=cfg.pretrain_seq_len,
             batch_size=cfg.pretrain_batch, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, schedule="wsd",
-            warmup=20, eval_every=50, ckpt_every=25)),
+            warmup=20, eval_every=100, ckpt_every=50, window_schedule=cfg.pretrain_windows,
+            copy_every=cfg.pretrain_copy_every)),
         ("sft", lambda: _train_stage(
             cfg, out, "sft", resume, data=str(out / "shards" / "sft"), seq_len=cfg.context,
             batch_size=cfg.sft_batch, steps=cfg.sft_steps, lr=cfg.sft_lr, schedule="wsd", warmup=30,

@@ -135,9 +135,13 @@ class Batch:
 
 class TokenDataset:
     """The windows of a dataset directory, memory-mapped. The last `eval_windows` (in file order) are held
-    out for evaluation; training sequence g is window perm_{g // n}[g % n] of the rest (n of them)."""
+    out for evaluation; training sequence g is window perm_{g // n}[g % n] of the rest (n of them).
 
-    def __init__(self, path: str | Path, seq_len: int, seed: int = 0, eval_windows: int = 0):
+    `holdout=(shard, offset)` (another length's `eval_start()`) instead drops every window that reaches that
+    token: the same text stays held out when windows of several lengths are read (curriculum.py)."""
+
+    def __init__(self, path: str | Path, seq_len: int, seed: int = 0, eval_windows: int = 0,
+                 holdout: tuple[int, int] | None = None):
         self.path = Path(path)
         try:
             self.manifest = json.loads((self.path / MANIFEST).read_text())
@@ -157,13 +161,18 @@ class TokenDataset:
             self.ids.append(np.memmap(f, dtype=dtype, mode="r"))
             self.masks.append(np.memmap(self.path / shard["mask"], dtype=np.uint8, mode="r") if "mask" in shard else None)
             n = (shard["tokens"] - 1) // seq_len
-            windows += [(i, w * seq_len) for w in range(n)]
+            windows += [(i, w * seq_len) for w in range(n)
+                        if holdout is None or (i, w * seq_len + seq_len + 1) <= holdout]
         if len(windows) <= eval_windows:
             raise NanoK2Error(f"{self.path} holds {len(windows)} windows of {seq_len + 1} tokens; "
                               f"need more than the {eval_windows} held out for evaluation")
         self.eval_windows = windows[len(windows) - eval_windows:] if eval_windows else []
         self.train_windows = windows[:len(windows) - eval_windows]
         self._perm: tuple[int, np.ndarray] | None = None
+
+    def eval_start(self) -> tuple[int, int] | None:
+        """(shard, token offset) where the held-out windows begin; None when nothing is held out."""
+        return self.eval_windows[0] if self.eval_windows else None
 
     def check_compatible(self, model_vocab: int, tokenizer: str | None = None) -> None:
         """Raise when the ids cannot be this model's (larger vocabulary) or come from another tokenizer."""

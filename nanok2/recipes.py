@@ -29,6 +29,11 @@ class TrainConfig:
     batch_size: int = 8                          # sequences per micro-batch, all ranks together
     grad_accum: int = 1                          # micro-batches per optimizer step
     eval_sequences: int = 16                     # held out from the data for the eval loss
+    # pre-training curriculum for copying (curriculum.py): shorter windows first, at the same tokens per step,
+    # [[seq_len, until_step], ...] (seq_len after the last), and spans copied forward once per copy_every tokens
+    window_schedule: list = field(default_factory=list)
+    copy_every: int = 0                          # 0 = no copies
+    copy_span: list = field(default_factory=lambda: [4, 10])   # shortest, longest copied span (tokens)
     # --- optimization
     steps: int = 200
     optimizer: str = "muonclip"                  # muonclip | adamw

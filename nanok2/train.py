@@ -74,7 +74,8 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 def _prepare(cfg: TrainConfig, resume: bool, rank: int, world: int):
     """Everything that can reject the run, before anything is written: config, data, checkpoint."""
-    from nanok2.data import TokenDataset, tokenizer_fingerprint
+    from nanok2.curriculum import StepBatches
+    from nanok2.data import tokenizer_fingerprint
     from nanok2.train_state import check_same_model, latest_checkpoint
 
     args = cfg.model_args()
@@ -87,7 +88,9 @@ def _prepare(cfg: TrainConfig, resume: bool, rank: int, world: int):
         raise NanoK2Error(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")
     if cfg.data is None:
         raise NanoK2Error("no training data: set data=DIR (made by `nanok2 data tokenize`)")
-    data = TokenDataset(cfg.data, cfg.seq_len, seed=cfg.seed, eval_windows=cfg.eval_sequences)
+    data = StepBatches(cfg.data, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.steps, seed=cfg.seed,
+                       eval_windows=cfg.eval_sequences, window_schedule=cfg.window_schedule,
+                       copy_every=cfg.copy_every, copy_span=tuple(cfg.copy_span), world=world)
     data.check_compatible(args.vocab_size, tokenizer_fingerprint(cfg.tokenizer) if cfg.tokenizer else None)
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if resume else None
@@ -131,18 +134,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                                    momentum=cfg.momentum, betas=tuple(cfg.betas), qk_clip_tau=cfg.qk_clip_tau)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
 
-    start, cursor = 0, 0
+    start = 0
     if ckpt is not None:
         state, optim_state = load_train_state(ckpt, rank, world)
         optimizer.load_state_dict(optim_state)
-        start, cursor = state["step"], state["cursor"]
+        start = state["step"]                      # the data of a step is a function of the step (curriculum.py)
         torch.set_rng_state(state["rng"][rank])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(out / "train_config.json", json.dumps(cfg.to_json(), indent=2) + "\n")
         _truncate_metrics(metrics_path, start)
-    flops_token = train_flops_per_token(args, cfg.seq_len)
     peak = cfg.peak_flops or default_peak_flops(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext())
     per_rank = cfg.batch_size // world
@@ -155,9 +157,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup, cfg.schedule, cfg.decay_frac, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [data.train_batch(cursor + m * cfg.batch_size + rank * per_rank, per_rank)
-                       for m in range(cfg.grad_accum)]
-            cursor += cfg.grad_accum * cfg.batch_size
+            batches = data.batches(step, rank, world)
+            seq_len = data.phase(step).seq_len
             # the loss is a mean over the trained tokens of the whole global batch: every rank divides by
             # the same count; ×world because FSDP averages the ranks' gradients
             n_tokens = float(_all_reduce(torch.tensor([sum(float(b.mask.sum()) for b in batches)]))[0])
@@ -184,8 +185,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             balance = balance_experts(moes, counts, cfg.bias_update_speed) if moes else float("nan")
             train_loss = float(_all_reduce(loss_sum)[0]) / max(n_tokens, 1.0)
             dt = time.perf_counter() - t0
-            tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
-            row = {"step": step + 1, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+            tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len          # the same in every phase
+            flops_token = train_flops_per_token(args, seq_len)
+            row = {"step": step + 1, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "seq_len": seq_len,
                    "max_logit": optimizer.last_max_logit, "balance": balance, "tok_per_s": tokens / dt,
                    "mfu": flops_token * tokens / (dt * peak * world)}
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
@@ -200,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                                     f"max logit {row['max_logit']:.1f} | load max/mean {balance:.2f}")
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
                 save_checkpoint(out, step + 1, model, optimizer,
-                                {"cursor": cursor, "rng": _all_rng_states(world), "config": cfg.to_json()},
+                                {"rng": _all_rng_states(world), "config": cfg.to_json()},
                                 rank, world, cfg.keep_last)
                 if rank == 0:
                     plot_losses(metrics_path, out / "loss.png")

@@ -174,7 +174,7 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = apply_overrides(AgentTinyConfig(), [
         f"out={out}", "worlds=1", "world_size=400", "pretrain_worlds=1", "tokenizer_worlds=1", "vocab_size=600",
-        "pretrain_steps=2", "pretrain_batch=2", "pretrain_seq_len=64", "sft_steps=2", "sft_batch=1",
+        "pretrain_steps=2", "pretrain_batch=2", "pretrain_seq_len=64", "pretrain_windows=[[32,1]]", "sft_steps=2", "sft_batch=1",
         "context=2048", "progress=false", "model.hidden_size=64", "model.num_hidden_layers=2"])
     summary = run_pipeline(cfg)
     model_dir = out / "model"
@@ -187,8 +187,13 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     assert model.args.vocab_size == Tokenizer.load(model_dir).n_vocab
     assert summary["sft"]["step"] == 2 and summary["model"]["bytes"] < 25e6
     for stage in ("pretrain", "sft"):        # each trained model's copying, measured on an unseen world
-        probe = summary[stage]["copy_probe"]
-        assert probe["windows"] == 48 and probe["gain"] == pytest.approx(probe["first"] - probe["repeat"], abs=2e-3)
+        probes = summary[stage]["copy_probe"]
+        assert sorted(probes, key=int) == ["64", "192", "512"]
+        for probe in probes.values():
+            assert probe["gain"] == pytest.approx(probe["first"] - probe["repeat"], abs=2e-3)
+    # pre-training followed its window schedule (32-token windows, then 64) with copies in the text
+    rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["seq_len"] for r in rows] == [32, 64]
     manifest = json.loads((out / "shards" / "sft" / "manifest.json").read_text())
     assert manifest["align"] == 2048
     with pytest.raises(NanoK2Error, match="already holds a run"):
