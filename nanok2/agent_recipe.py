@@ -251,6 +251,9 @@ def stage_quantize(cfg: AgentTinyConfig, out: Path) -> dict:
     # K2-Thinking recommends temperature 1.0 for its own model; a model this small is greedy
     (tmp / "generation_config.json").write_text(json.dumps(
         {"do_sample": False, "max_new_tokens": cfg.reply_tokens}, indent=2) + "\n")
+    for stage in ("pretrain", "sft"):    # the loss curves, for the model card
+        if (out / stage / "loss.png").exists():
+            shutil.copy2(out / stage / "loss.png", tmp / f"{stage}_loss.png")
     size = sum(f.stat().st_size for f in tmp.iterdir())
     if size > MAX_CHECKPOINT_BYTES:
         raise NanoK2Error(f"the INT4 checkpoint is {size / 1e6:.1f} MB, over the {MAX_CHECKPOINT_BYTES / 1e6:.0f} MB "

@@ -180,7 +180,8 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     model_dir = out / "model"
     config = json.loads((model_dir / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
-    for name in ("tiktoken.model", "tokenizer_config.json", "generation_config.json"):
+    for name in ("tiktoken.model", "tokenizer_config.json", "generation_config.json", "pretrain_loss.png",
+                 "sft_loss.png"):
         assert (model_dir / name).is_file()
     assert json.loads((model_dir / "generation_config.json").read_text())["do_sample"] is False
     model = load_model(model_dir)
