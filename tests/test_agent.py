@@ -471,12 +471,36 @@ def test_engine_backend_survives_a_random_model(world, toolbox, tiny_checkpoint,
 
 # ---- the commands --------------------------------------------------------------------------------------
 
-def test_agent_command_without_the_embedded_model_says_what_to_do(capsys, tmp_path):
-    assert main(["agent", "What is it?", "--log", str(tmp_path / "l.jsonl")]) == 2
+def test_agent_command_without_the_embedded_model_says_what_to_do(capsys, tmp_path, monkeypatch):
+    import nanok2.agent_cli as agent_cli
+
+    gone = tmp_path / "models" / "nanok2-agent-tiny"          # a clone whose embedded model was deleted
+    monkeypatch.setattr(agent_cli, "DEFAULT_MODEL", gone)
+    assert main(["agent", "What is it?", "--model", str(gone), "--log", str(tmp_path / "l.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert "models/nanok2-agent-tiny" in err and "--model PATH" in err
+    assert "embedded agent model is not there" in err and "--model PATH" in err
     assert main(["agent", "q", "--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_readme_first_command_runs_on_the_embedded_model(tmp_path, capsys):
+    """`nanok2 agent "QUESTION"` with nothing else: the committed INT4 checkpoint on world 0."""
+    from nanok2.agent_cli import DEFAULT_MODEL
+    from nanok2.checkpoint import load_model
+
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"        # K2-Thinking's INT4 layout
+    assert sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir()) <= 25e6
+    assert load_model(DEFAULT_MODEL).args.max_position_embeddings == 2048
+    log = tmp_path / "run.jsonl"
+    assert main(["agent", "In what year was the author of Vrunsekar in Winter born?", "--max-steps", "3",
+                 "--log", str(log)]) == 0
+    out = capsys.readouterr().out
+    records = read_log(log)
+    assert records[0]["question"].startswith("In what year") and records[-1]["kind"] == "final"
+    steps = [r for r in records if r.get("kind") == "step"]
+    assert steps and all(f"── step {r['step']}/3" in out for r in steps)      # the live view showed each step
+    assert "stop: " in out and "log: " in out
 
 
 def test_agent_documents_from_a_seed_a_saved_world_or_a_folder(tmp_path):
