@@ -96,10 +96,6 @@ class StepBatches:
                                      TokenDataset(path, p.seq_len, seed=seed, holdout=holdout)) for p in self.phases}
         self.grad_accum, self.seed, self.copy_every, self.copy_span = grad_accum, seed, copy_every, tuple(copy_span)
 
-    @property
-    def kind(self) -> str:
-        return self.final.kind
-
     def check_compatible(self, model_vocab: int, tokenizer: str | None = None) -> None:
         self.final.check_compatible(model_vocab, tokenizer)
 
@@ -120,7 +116,7 @@ class StepBatches:
         return out
 
     def _with_copies(self, batch: Batch, step: int, row0: int) -> Batch:
-        ids = torch.cat([batch.inputs, batch.targets[:, -1:]], dim=1).numpy().copy()     # [B, T + 1]
+        ids = torch.cat([batch.inputs, batch.targets[:, -1:]], dim=1).numpy()     # [B, T + 1], a new array
         for r in range(len(ids)):
             rng = np.random.Generator(np.random.PCG64([self.seed, step, row0 + r]))
             inject_copies(ids[r], rng, self.copy_every, self.copy_span)

@@ -3,7 +3,6 @@ log-uniform distances, batches that are a function of the step (exact resume, ra
 held-out text staying held out at every window length."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
