@@ -42,6 +42,11 @@ class AgentTinyConfig:
     pretrain_worlds: int = 6         # worlds whose documents are the pre-training text
     tokenizer_worlds: int = 2
     vocab_size: int = 3072           # base tokens; 256 special ids follow
+    split_digits: bool = True        # every digit its own token: docids and years copy digit by digit
+    # gold conversations of other tasks of the training worlds (not SFT's), rendered in the chat format,
+    # join the pre-training text, so the copying curriculum works on what the agent copies: result lines,
+    # docids and titles into thinking and call arguments. TaskMix's counts per world, times this factor.
+    pretrain_conversations: float = 1.0
     context: int = 2048              # the model's context (max_position_embeddings), prompt and reply
     reply_tokens: int = 256          # max tokens of one model turn (generation_config.json)
     # --- model
@@ -55,7 +60,7 @@ class AgentTinyConfig:
     pretrain_copy_every: int = 32
     pretrain_lr: float = 1e-2
     # --- SFT on agent views, with INT4 QAT
-    sft_steps: int = 1000
+    sft_steps: int = 850
     sft_batch: int = 2
     sft_lr: float = 2e-3
     qat: str | None = "int4"
@@ -139,9 +144,43 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
                         text = SPECIAL_RE.sub("\n", render(task.messages, SCHEMAS))
                         f_tok.write(text + "\n\n")
                         chars += len(text)
-    info = {"pretrain_documents": docs, "tokenizer_chars": chars}
+    conversations = _pretrain_conversations(cfg, folder / "conversations.jsonl")
+    info = {"pretrain_documents": docs, "pretrain_conversations": conversations, "tokenizer_chars": chars}
     _mark_done(folder, info)
     return info
+
+
+def _pretrain_conversations(cfg: AgentTinyConfig, path: Path) -> int:
+    """Whole gold conversations for pre-training: per training world and (family, hops) of TaskMix, the
+    tasks that follow the ones SFT uses (make_tasks is a stable sequence, so they never overlap), and
+    trails of the same lengths SFT draws. -> how many were written."""
+    from nanok2.agent_data import TaskMix
+    from nanok2.world import make_tasks
+    from nanok2.world.tasks import make_trail
+    from nanok2.world.tools import SCHEMAS
+
+    mix, n = TaskMix(), 0
+    rng = random.Random(f"agent-tiny:pretrain:{cfg.seed}")
+    with open(path, "w", encoding="utf-8") as f:
+        if cfg.pretrain_conversations <= 0:
+            return 0
+        for world, toolbox in _worlds(cfg, cfg.worlds):
+            tasks = []
+            for family in ("multihop", "constraint", "arithmetic"):
+                for hops, sft_n in getattr(mix, family).items():
+                    extra = round(sft_n * cfg.pretrain_conversations)
+                    try:
+                        tasks += make_tasks(world, toolbox, family, hops, sft_n + extra)[sft_n:]
+                    except NanoK2Error:   # a small world: fewer tasks of this kind
+                        continue
+            depths = sorted(set(world.rendered.trails.depth))
+            short = [d for d in depths if d <= 12] or depths
+            for _ in range(round(mix.trail_short * cfg.pretrain_conversations)):
+                tasks.append(make_trail(world, toolbox, rng.choice(short), rng))
+            for task in tasks:
+                f.write(json.dumps({"messages": task.messages, "tools": SCHEMAS}, ensure_ascii=False) + "\n")
+            n += len(tasks)
+    return n
 
 
 def stage_tokenizer(cfg: AgentTinyConfig, out: Path) -> dict:
@@ -149,7 +188,7 @@ def stage_tokenizer(cfg: AgentTinyConfig, out: Path) -> dict:
     from nanok2.tokenizer import train as train_tokenizer
 
     folder = _fresh(out / "tokenizer")
-    tok = train_tokenizer([str(out / "text" / "tokenizer.txt")], cfg.vocab_size)
+    tok = train_tokenizer([str(out / "text" / "tokenizer.txt")], cfg.vocab_size, cfg.split_digits)
     tok.save(folder, chat_template=own_chat_template())
     info = {"n_vocab": tok.n_vocab}
     _mark_done(folder, info)
@@ -189,7 +228,8 @@ def stage_shards(cfg: AgentTinyConfig, out: Path) -> dict:
 
     folder = _fresh(out / "shards")
     tok = str(out / "tokenizer")
-    pre = tokenize_files(tok, [str(out / "text" / "docs.jsonl")], str(folder / "pretrain"))
+    pre = tokenize_files(tok, [str(out / "text" / "docs.jsonl"), str(out / "text" / "conversations.jsonl")],
+                         str(folder / "pretrain"))
     sft = tokenize_files(tok, [str(out / "sft-data" / "sft.jsonl")], str(folder / "sft"), sft=True,
                          align=cfg.context)
     info = {"pretrain_tokens": pre["tokens"], "sft_tokens": sft["tokens"], "sft_padding": sft.get("padding")}

@@ -24,6 +24,7 @@ from nanok2.errors import NanoK2Error
 
 FORMAT = "nanok2-tokens"
 MANIFEST = "manifest.json"
+OPEN_WINDOWS = 64   # aligned packing: windows kept open for first-fit (more pack tighter, hold more memory)
 
 
 def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
@@ -56,8 +57,10 @@ class ShardWriter:
         self._pending = 0
         self.documents = 0
         # align=seq_len: no document crosses a training window (a conversation is never cut from its
-        # question); the gap is padded with pad_id under a zero loss mask
+        # question). Documents are packed first-fit into up to OPEN_WINDOWS open windows, so short ones
+        # fill the gaps long ones leave; what stays empty is padded with pad_id under a zero loss mask
         self.align, self.pad_id, self.padding = align, pad_id, 0
+        self._open: list[list] = []   # open windows: [ids arrays, mask arrays (or None), tokens used]
 
     def add(self, ids, mask=None) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -73,13 +76,34 @@ class ShardWriter:
             if ids.size > self.align:
                 raise NanoK2Error(f"document {self.documents} has {ids.size} tokens, more than a window "
                                   f"({self.align}); use a longer seq_len or shorter documents")
-            used = self._pending % self.align
-            if used and used + ids.size > self.align:
-                self._pad(self.align - used)
-        self._append(ids, mask)
+            self._place(ids, mask)
+        else:
+            self._append(ids, mask)
         self.documents += 1
         if self._pending >= self.shard_tokens:
             self._flush()
+
+    def _place(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        """First fit: into the first open window with room, else a new one (closing the fullest when
+        OPEN_WINDOWS are open); a window that is exactly full is closed at once."""
+        window = next((w for w in self._open if w[2] + ids.size <= self.align), None)
+        if window is None:
+            if len(self._open) >= OPEN_WINDOWS:
+                self._close_window(max(self._open, key=lambda w: w[2]))
+            window = [[], [], 0]
+            self._open.append(window)
+        window[0].append(ids)
+        window[1].append(mask)
+        window[2] += ids.size
+        if window[2] == self.align:
+            self._close_window(window)
+
+    def _close_window(self, window: list) -> None:
+        self._open = [w for w in self._open if w is not window]   # by identity: windows hold arrays
+        for ids, mask in zip(window[0], window[1]):
+            self._append(ids, mask)
+        if window[2] < self.align:
+            self._pad(self.align - window[2])
 
     def _append(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
         self._ids.append(ids.astype(self.dtype))
@@ -92,7 +116,10 @@ class ShardWriter:
         self._append(np.full(n, self.pad_id), np.zeros(n, dtype=np.uint8) if self.kind == "sft" else None)
         self.padding += n
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
+        if last:
+            for window in list(self._open):
+                self._close_window(window)
         if not self._pending:
             return
         if self.align:  # close the last window: it spans align + 1 tokens (inputs and shifted targets)
@@ -108,7 +135,7 @@ class ShardWriter:
         self._ids, self._mask, self._pending = [], [], 0
 
     def close(self) -> Path:
-        self._flush()
+        self._flush(last=True)
         manifest = {"format": FORMAT, "version": 1, "kind": self.kind, "vocab_size": self.vocab_size,
                     "dtype": np.dtype(self.dtype).name, "tokenizer": self.tokenizer, "documents": self.documents,
                     "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
@@ -221,7 +248,8 @@ class TokenDataset:
 def _documents(files: list[str], sft: bool):
     """Yield, per document, its text (pretraining) or its {"messages", "tools"} dict (SFT).
 
-    Pretraining reads .txt files as one document each and .jsonl files as one {"text": …} per line.
+    Pretraining reads .txt files as one document each and .jsonl files as one {"text": …} per line, or a
+    conversation {"messages", "tools"} per line, which is pre-trained on as the chat format renders it.
     """
     for name in files:
         path = Path(name)
@@ -235,10 +263,10 @@ def _documents(files: list[str], sft: bool):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise NanoK2Error(f"{path}:{n}: not JSON: {e}") from None
-                key = "messages" if sft else "text"
-                if not isinstance(row, dict) or key not in row:
-                    raise NanoK2Error(f"{path}:{n}: expected an object with {key!r}")
-                yield row if sft else row["text"]
+                keys = ("messages",) if sft else ("text", "messages")
+                if not isinstance(row, dict) or not any(k in row for k in keys):
+                    raise NanoK2Error(f"{path}:{n}: expected an object with {' or '.join(map(repr, keys))}")
+                yield row if sft or "text" not in row else row["text"]
         elif sft:
             raise NanoK2Error(f"{path}: SFT input must be JSONL conversations ({{\"messages\": [...], \"tools\": [...]}})")
         else:
@@ -253,6 +281,7 @@ def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = F
     index on are trained. `align=seq_len` keeps every document inside one training window.
     """
     from nanok2.agent_data import encode_example
+    from nanok2.chat import render_ids
     from nanok2.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_dir)
@@ -262,6 +291,8 @@ def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = F
     for doc in _documents(files, sft):
         if sft:
             writer.add(*encode_example(doc, tok))
+        elif isinstance(doc, dict):   # a conversation, every token of it trained
+            writer.add(render_ids(doc["messages"], tok, doc.get("tools"))[0] + [eos])
         else:
             writer.add(tok.encode(doc) + [eos])
     writer.close()

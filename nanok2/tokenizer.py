@@ -242,10 +242,14 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def train_hf_bpe(files: list[str], vocab_size: int):
+def train_hf_bpe(files: list[str], vocab_size: int, split_digits: bool = False):
     """Learn a byte-level BPE with HF `tokenizers` over K2's pre-tokenisation; returns the HF tokenizer.
 
     At most `vocab_size` base tokens (the 256 bytes included); fewer when the text has fewer pairs.
+    `split_digits` learns no merge between two digits, so every digit encodes as its own token while the
+    pre-tokenisation stays K2's (a checkpoint still loads in any engine that applies K2's pattern): a
+    small model then copies a number digit by digit from a ten-token alphabet instead of having to copy
+    rare three-digit tokens such as "000". K2's own vocabulary does merge digits (groups of up to 3).
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # only training needs it
     from tokenizers import Tokenizer as HFTokenizer
@@ -257,8 +261,12 @@ def train_hf_bpe(files: list[str], vocab_size: int):
             raise NanoK2Error(f"training input {f} is not a file")
     hf = HFTokenizer(models.BPE())
     # K2's pattern splits the text, then ByteLevel only maps bytes to its alphabet (its own GPT-2 regex off).
+    # Digits only ever form pre-tokens of their own under K2's pattern, so isolating each one during
+    # training removes every digit-digit merge and nothing else.
+    digit_split = [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated")] if split_digits else []
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(K2_PATTERN), behavior="isolated"),
+        *digit_split,
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
@@ -278,9 +286,9 @@ def ranks_from_hf(hf) -> dict[bytes, int]:
     return {bytes(to_byte[ch] for ch in token): i for token, i in hf.get_vocab().items()}
 
 
-def train(files: list[str], vocab_size: int) -> Tokenizer:
+def train(files: list[str], vocab_size: int, split_digits: bool = False) -> Tokenizer:
     """Learn a K2-shaped tokenizer (byte-level BPE, K2's pattern and special tokens) from text files."""
-    return Tokenizer(ranks_from_hf(train_hf_bpe(files, vocab_size)))
+    return Tokenizer(ranks_from_hf(train_hf_bpe(files, vocab_size, split_digits)))
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -291,7 +299,7 @@ def _train_command(args) -> int:
     from nanok2.chat import own_chat_template
 
     started = time.perf_counter()
-    tok = train(args.input, args.vocab_size)
+    tok = train(args.input, args.vocab_size, args.split_digits)
     tok.save(args.out, chat_template=own_chat_template())
     size_mb = sum(Path(f).stat().st_size for f in args.input) / 1e6
     print(f"trained {tok.base_size} base tokens (+{NUM_SPECIAL_SLOTS} special = {tok.n_vocab}) on {size_mb:.1f} MB "
@@ -310,4 +318,6 @@ def register(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help="base vocabulary size (the 256 bytes included); 256 special ids follow it")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the tokenizer into")
+    p.add_argument("--split-digits", action="store_true",
+                   help="learn no digit-digit merges, so every digit is one token (K2's pattern is kept)")
     p.set_defaults(func=_train_command)

@@ -97,3 +97,22 @@ def test_tokenize_command_text_and_chat(tmp_path, tokenizer_dir):
         ds.check_compatible(n_vocab, tokenizer="0123456789abcdef")
     assert main(["data", "tokenize", "--tokenizer", str(tokenizer_dir), "--input", str(tmp_path / "a.txt"),
                  "--out", str(tmp_path / "pt")]) == 2                       # exists: refused, nothing changed
+
+
+def test_pretraining_jsonl_takes_conversations_rendered_in_the_chat_format(tmp_path, tokenizer_dir):
+    from nanok2.chat import render_ids
+    from nanok2.data import tokenize_files
+
+    tok = Tokenizer.load(tokenizer_dir)
+    conv = {"messages": [{"role": "user", "content": "search alpha"},
+                         {"role": "assistant", "content": "the answer is beta", "reasoning_content": "gamma"}],
+            "tools": []}
+    (tmp_path / "mixed.jsonl").write_text(json.dumps({"text": "beta gamma"}) + "\n" + json.dumps(conv) + "\n")
+    m = tokenize_files(str(tokenizer_dir), [str(tmp_path / "mixed.jsonl")], str(tmp_path / "pt"))
+    ids = np.fromfile(tmp_path / "pt" / m["shards"][0]["file"], dtype=np.uint16).tolist()
+    eos = tok.id_of("[EOS]")
+    assert ids == tok.encode("beta gamma") + [eos] + render_ids(conv["messages"], tok, [])[0] + [eos]
+    assert m["documents"] == 2 and "mask" not in m["shards"][0]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"title": "no text"}) + "\n")
+    with pytest.raises(NanoK2Error, match="bad.jsonl:1: expected an object with 'text' or 'messages'"):
+        tokenize_files(str(tokenizer_dir), [str(tmp_path / "bad.jsonl")], str(tmp_path / "bad"))

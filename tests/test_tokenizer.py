@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from nanok2.errors import NanoK2Error
 from nanok2.tokenizer import (K2_PATTERN, SPECIAL_SLOTS, Tokenizer, ranks_from_hf, read_tiktoken_model, special_tokens,
-                              train_hf_bpe, write_tiktoken_model)
+                              train, train_hf_bpe, write_tiktoken_model)
 
 BYTES = {bytes([i]): i for i in range(256)}
 
@@ -185,6 +185,22 @@ def test_trained_equals_hf_on_held_out_corpus(trained):
     assert ids == hf.encode(text).ids
     assert len(ids) < len(text.encode()) / 2  # it did learn merges
     assert tok.base_size == 1500 and tok.id_of("[BOS]") == 1500
+
+
+def test_split_digits_learns_no_digit_merges_and_keeps_k2_pretokenisation(tmp_path):
+    """With split_digits every digit is its own token, under K2's unchanged pattern (tiktoken's encode);
+    without it the same text does merge digits."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(_corpus(2, 40_000) + " d0006 d0421 1847 2025 3.14 " * 200, encoding="utf-8")
+    tok = train(str(path).split(), 900, split_digits=True)
+    for token in tok._enc.token_byte_values():
+        assert sum(ch.isdigit() for ch in token.decode("utf-8", "replace")) <= 1, token
+    text = "Docid d0006, born 1847; page d1234 of 2025. 北京 3.14"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert [tok.decode([i]) for i in tok.encode("d0006")] == ["d", "0", "0", "0", "6"]
+    merged = train(str(path).split(), 900)
+    assert len(merged.encode("d0006 1847")) < len(tok.encode("d0006 1847"))
 
 
 def test_vocab_size_below_bytes_is_refused(tmp_path):
