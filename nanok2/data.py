@@ -42,7 +42,7 @@ class ShardWriter:
     """Append documents (ids, and for SFT a loss mask), cut shards of about `shard_tokens`, then `close()`."""
 
     def __init__(self, out: str | Path, vocab_size: int, kind: str = "pretrain", tokenizer: str | None = None,
-                 shard_tokens: int = 50_000_000, align: int | None = None, pad_id: int = 0):
+                 shard_tokens: int = 50_000_000, align: int | None = None, pad_id: int = 0, first_fit: bool = False):
         if kind not in ("pretrain", "sft"):
             raise NanoK2Error(f"unknown dataset kind {kind!r}; known: pretrain, sft")
         self.out = Path(out)
@@ -57,9 +57,11 @@ class ShardWriter:
         self._pending = 0
         self.documents = 0
         # align=seq_len: no document crosses a training window (a conversation is never cut from its
-        # question). Documents are packed first-fit into up to OPEN_WINDOWS open windows, so short ones
-        # fill the gaps long ones leave; what stays empty is padded with pad_id under a zero loss mask
+        # question). Documents fill windows in their order, or with first_fit into up to OPEN_WINDOWS open
+        # windows, so short ones fill the gaps long ones leave; what stays empty is padded with pad_id
+        # under a zero loss mask
         self.align, self.pad_id, self.padding = align, pad_id, 0
+        self.open_windows = OPEN_WINDOWS if first_fit else 1
         self._open: list[list] = []   # open windows: [ids arrays, mask arrays (or None), tokens used]
 
     def add(self, ids, mask=None) -> None:
@@ -85,10 +87,10 @@ class ShardWriter:
 
     def _place(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
         """First fit: into the first open window with room, else a new one (closing the fullest when
-        OPEN_WINDOWS are open); a window that is exactly full is closed at once."""
+        `open_windows` are open: with one, documents stay in order); a window exactly full is closed at once."""
         window = next((w for w in self._open if w[2] + ids.size <= self.align), None)
         if window is None:
-            if len(self._open) >= OPEN_WINDOWS:
+            if len(self._open) >= self.open_windows:
                 self._close_window(max(self._open, key=lambda w: w[2]))
             window = [[], [], 0]
             self._open.append(window)
@@ -274,7 +276,7 @@ def _documents(files: list[str], sft: bool):
 
 
 def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = False,
-                   shard_tokens: int = 50_000_000, align: int | None = None) -> dict:
+                   shard_tokens: int = 50_000_000, align: int | None = None, first_fit: bool = False) -> dict:
     """Tokenize text (each document followed by [EOS]) or chat conversations (with their loss masks).
 
     An SFT row may carry `train_from` (agent_data.encode_example): only its assistant messages from that
@@ -287,7 +289,7 @@ def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = F
     tok = Tokenizer.load(tokenizer_dir)
     eos = tok.id_of("[EOS]")
     writer = ShardWriter(out, tok.n_vocab, "sft" if sft else "pretrain", tokenizer_fingerprint(tokenizer_dir),
-                         shard_tokens, align=align, pad_id=eos)
+                         shard_tokens, align=align, pad_id=eos, first_fit=first_fit)
     for doc in _documents(files, sft):
         if sft:
             writer.add(*encode_example(doc, tok))
@@ -301,7 +303,7 @@ def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = F
 
 def _tokenize_command(args) -> int:
     m = tokenize_files(args.tokenizer, args.input, args.out, sft=args.sft, shard_tokens=args.shard_tokens,
-                       align=args.align)
+                       align=args.align, first_fit=args.first_fit)
     print(f"{m['kind']}: {m['documents']} documents, {m['tokens']:,} tokens in {len(m['shards'])} shard(s), "
           f"vocab {m['vocab_size']}, tokenizer {m['tokenizer']} -> {args.out}")
     return 0
@@ -319,4 +321,6 @@ def register(subparsers) -> None:
     p.add_argument("--shard-tokens", type=int, default=50_000_000, metavar="N", help="tokens per shard")
     p.add_argument("--align", type=int, metavar="SEQ_LEN",
                    help="keep each document inside one training window of SEQ_LEN (padding the gaps)")
+    p.add_argument("--first-fit", action="store_true",
+                   help="with --align: pack documents first-fit instead of in order (less padding)")
     p.set_defaults(func=_tokenize_command)

@@ -149,17 +149,21 @@ def test_train_from_masks_the_earlier_turns(world, toolbox, byte_tokenizer):
         encode_example({"messages": messages, "tools": SCHEMAS, "train_from": 1}, byte_tokenizer)
 
 
-def test_aligned_packing_keeps_each_document_in_one_window(tmp_path):
-    """First fit: the 3-token document fills the gap after the first 5-token one; no document is cut."""
-    w = ShardWriter(tmp_path / "d", vocab_size=100, kind="sft", align=8, pad_id=99)
+@pytest.mark.parametrize("first_fit", [False, True])
+def test_aligned_packing_keeps_each_document_in_one_window(tmp_path, first_fit):
+    """In order, or first fit: the 3-token document fills the gap after the first 5-token one; no
+    document is cut either way."""
+    w = ShardWriter(tmp_path / "d", vocab_size=100, kind="sft", align=8, pad_id=99, first_fit=first_fit)
     docs = [list(range(1, 6)), list(range(10, 15)), list(range(20, 28)), [30, 31, 32]]
     for d in docs:
         w.add(d, [1] * len(d))
     w.close()
     data = TokenDataset(tmp_path / "d", seq_len=8)
     windows = [data._window(*win) for win in data.train_windows]
-    assert len(windows) == 3 and json.loads((tmp_path / "d" / "manifest.json").read_text())["padding"] == 3 + 1
-    expected = [docs[2], docs[0] + docs[3], docs[1]]   # closed in order: full at once, then at close()
+    # first fit closes windows as they fill (the 8-token one at once), the rest at close()
+    expected = [docs[2], docs[0] + docs[3], docs[1]] if first_fit else docs
+    padding = json.loads((tmp_path / "d" / "manifest.json").read_text())["padding"]
+    assert len(windows) == len(expected) and padding == 8 * len(expected) - sum(map(len, docs)) + 1
     for d, (ids, mask) in zip(expected, windows):
         ids, mask = ids[:8], mask[:8]  # a window's last token is the next one's first (a shifted target)
         assert list(ids[:len(d)]) == d and mask[:len(d)].all() and not mask[len(d):].any()
@@ -169,12 +173,13 @@ def test_aligned_packing_keeps_each_document_in_one_window(tmp_path):
 
 
 def test_aligned_packing_wastes_little_and_loses_nothing(tmp_path):
-    """Many documents of random lengths across several shards: each appears once, whole, inside one
-    window, and first fit leaves under 8% padding where packing in order would leave 36% (lengths of
+    """First fit, many documents of random lengths across several shards: each appears once, whole, inside
+    one window, and first fit leaves under 8% padding where packing in order would leave 36% (lengths of
     100-1,499 tokens in 2,048-token windows)."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(100, 1500, 400)
-    w = ShardWriter(tmp_path / "d", vocab_size=3000, kind="sft", align=2048, pad_id=0, shard_tokens=100_000)
+    w = ShardWriter(tmp_path / "d", vocab_size=3000, kind="sft", align=2048, pad_id=0, shard_tokens=100_000,
+                    first_fit=True)
     for k, n in enumerate(lengths):
         w.add(np.full(n, k + 1), np.ones(n))
     w.close()
@@ -201,7 +206,8 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     cfg = apply_overrides(AgentTinyConfig(), [
         f"out={out}", "worlds=1", "world_size=400", "pretrain_worlds=1", "tokenizer_worlds=1", "vocab_size=600",
         "pretrain_steps=2", "pretrain_batch=2", "pretrain_seq_len=64", "pretrain_windows=[[32,1]]", "sft_steps=2", "sft_batch=1",
-        "context=2048", "progress=false", "model.hidden_size=64", "model.num_hidden_layers=2"])
+        "context=2048", "progress=false", "model.hidden_size=64", "model.num_hidden_layers=2",
+        "split_digits=true", "pretrain_conversations=1", "sft_first_fit=true"])
     summary = run_pipeline(cfg)
     model_dir = out / "model"
     config = json.loads((model_dir / "config.json").read_text())
@@ -223,7 +229,7 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     assert [r["seq_len"] for r in rows] == [32, 64]
     manifest = json.loads((out / "shards" / "sft" / "manifest.json").read_text())
     assert manifest["align"] == 2048
-    # pre-training text holds whole conversations in the chat format, and digits are single tokens
+    # the options: pre-training text holds whole conversations in the chat format, digits are single tokens
     tok = Tokenizer.load(model_dir)
     assert summary["text"]["pretrain_conversations"] > 0
     pretrain = json.loads((out / "shards" / "pretrain" / "manifest.json").read_text())
