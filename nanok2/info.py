@@ -44,6 +44,10 @@ class ModelStats:
     kv_cache_bytes_per_token: int    # all layers, bf16
     decode_bytes_per_token_bf16: int # weights read per generated token at batch 1 (one embedding row)
     routed_share_of_decode_bytes: float
+    lm_head_share_of_decode_bytes: float
+    # bandwidth bounds of INT4 decode at batch 1: bf16 bytes read per token over INT4 bytes read per token
+    int4_experts_decode_bound: float
+    int4_all_linear_decode_bound: float
 
 
 def int4_bytes(n_params: int, group_size: int = 32) -> int:
@@ -78,12 +82,19 @@ def model_stats(args: ModelArgs) -> ModelStats:
     decode_params = active - emb_read + args.hidden_size
     decode_bytes = 2 * decode_params
     routed_share = 2 * active_by["routed_experts"] / decode_bytes
+    lm_head_share = 2 * active_by["lm_head"] / decode_bytes if not args.tie_word_embeddings else 0.0
+    active_linear = active_by["attention"] + active_by["dense_mlp"] + active_by["shared_experts"]
+    decode_int4_experts = decode_bytes - 2 * active_by["routed_experts"] + int4_bytes(active_by["routed_experts"])
+    decode_int4_all = decode_int4_experts - 2 * active_linear + int4_bytes(active_linear)
     return ModelStats(
         total_params=total, active_params=active, params_by_component=by_comp, active_by_component=active_by,
         bytes_bf16=bf16, bytes_int4_experts=int4_experts, bytes_int4_all_linear=int4_all,
         kv_cache_numbers_per_token_per_layer=args.kv_cache_dim,
         kv_cache_bytes_per_token=2 * args.kv_cache_dim * args.num_hidden_layers,
         decode_bytes_per_token_bf16=decode_bytes, routed_share_of_decode_bytes=routed_share,
+        lm_head_share_of_decode_bytes=lm_head_share,
+        int4_experts_decode_bound=decode_bytes / decode_int4_experts,
+        int4_all_linear_decode_bound=decode_bytes / decode_int4_all,
     )
 
 
@@ -109,7 +120,10 @@ def format_stats(name: str, s: ModelStats, args: ModelArgs) -> str:
               f"  weights INT4 experts (K2)   {human(s.bytes_int4_experts, 'B')}",
               f"  weights INT4 all linear     {human(s.bytes_int4_all_linear, 'B')}",
               f"  decode bytes/token (bf16)   {human(s.decode_bytes_per_token_bf16, 'B')}  "
-              f"(routed experts {100 * s.routed_share_of_decode_bytes:.1f}%)",
+              f"(routed experts {100 * s.routed_share_of_decode_bytes:.1f}%, lm_head "
+              f"{100 * s.lm_head_share_of_decode_bytes:.1f}%)",
+              f"  INT4 decode bound (bytes)   {s.int4_experts_decode_bound:.2f}x experts, "
+              f"{s.int4_all_linear_decode_bound:.2f}x all linear (vs bf16, batch 1)",
               f"  KV cache per token          {s.kv_cache_numbers_per_token_per_layer} numbers/layer, "
               f"{human(s.kv_cache_bytes_per_token, 'B')} in bf16 over {args.num_hidden_layers} layers "
               f"(plain MHA: {2 * args.num_attention_heads * args.qk_head_dim} numbers/layer, "

@@ -104,7 +104,17 @@ def test_k2_thinking_counts_on_meta_device():
 
 
 def test_bench_preset_keeps_k2_proportions():
+    """The bytes a decode step reads split as in K2 (routed experts 2/3, lm_head a few %), so the INT4
+    bandwidth bounds measured on the preset are K2's."""
     from nanok2.info import model_stats
     s = model_stats(ModelArgs.from_preset("bench"))
+    k2 = model_stats(ModelArgs.from_preset("kimi-k2-thinking"))
     assert 0.5e9 <= s.total_params <= 1.0e9
-    assert 0.6 <= s.routed_share_of_decode_bytes <= 0.72
+    assert k2.routed_share_of_decode_bytes == pytest.approx(0.667, abs=0.005)
+    assert k2.lm_head_share_of_decode_bytes == pytest.approx(0.037, abs=0.002)
+    assert s.routed_share_of_decode_bytes == pytest.approx(k2.routed_share_of_decode_bytes, abs=0.02)
+    assert s.lm_head_share_of_decode_bytes == pytest.approx(k2.lm_head_share_of_decode_bytes, abs=0.01)
+    assert k2.int4_experts_decode_bound == pytest.approx(1.92, abs=0.01)
+    assert k2.int4_all_linear_decode_bound == pytest.approx(3.21, abs=0.02)
+    for bound in ("int4_experts_decode_bound", "int4_all_linear_decode_bound"):
+        assert getattr(s, bound) == pytest.approx(getattr(k2, bound), rel=0.03)
