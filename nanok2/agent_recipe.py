@@ -42,8 +42,9 @@ class AgentTinyConfig:
     pretrain_worlds: int = 6         # worlds whose documents are the pre-training text
     tokenizer_worlds: int = 2
     vocab_size: int = 3072           # base tokens; 256 special ids follow
-    # Options tried together in one run (README "Agent model"), off by default: that run never learned
-    # to copy docids in SFT, and these defaults reproduce the embedded model.
+    # Options tried together in one run (README "Agent model"), off by default: that run's SFT learned to
+    # copy only in its last steps and it answered no multi-hop question; these defaults reproduce the
+    # embedded model.
     split_digits: bool = False       # every digit its own token (no digit-digit merges; K2's pattern kept)
     # gold conversations of other tasks of the training worlds (not SFT's), rendered in the chat format,
     # in the pre-training text: TaskMix's counts per world times this factor (0: documents only)
