@@ -88,12 +88,20 @@ static inline void store8(uint16_t* p, __m256 v) {   // fp32 -> bf16, round to n
   _mm_storeu_si128((__m128i*)p, packed);
 }
 
-// a[n] . b[n], n % 8 == 0, both fp32 or b in the cache's dtype
+// a[n] . b[n], n % 8 == 0, both fp32 or b in the cache's dtype. Four accumulators: with one, each fma waits
+// for the last (4 cycles), and the short dots of attention and the router were bound by that chain, not memory.
 template <typename T>
 static inline float dot(const float* a, const T* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-  return hsum(acc);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), load8(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), load8(b + i + 24), acc3);
+  }
+  for (; i < n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 // y[n] += a * b[n]
 template <typename T>
@@ -144,18 +152,27 @@ static void lin_rows(const Lin& L, const Prepared& p, float* y, int64_t ldy, int
       for (int64_t n = n0; n < n1; ++n) y[m * ldy + n] += L.bias[n];
 }
 
-// y[M, N] = x[M, K] @ W^T, split over threads by output rows (at least ~256 kB of weights per thread)
+// Rows per thread: at least 128k weights (64 kB in INT4, 256 kB in bf16), or a parallel region costs more than
+// it saves.
+static int64_t lin_grain(const Lin& L) { return std::max<int64_t>(16, 131072 / L.K); }
+
+// y[M, N] = x[M, K] @ W^T, split over threads by output rows
 static void lin(const Lin& L, const float* x, int64_t M, float* y) {
   Prepared p;
   prepare(L, x, M, p);
-  const int64_t grain = std::max<int64_t>(16, (L.kind == INT4 ? 524288 : 131072) / L.K);
-  at::parallel_for(0, L.N, grain, [&](int64_t n0, int64_t n1) { lin_rows(L, p, y, L.N, n0, n1); });
+  at::parallel_for(0, L.N, lin_grain(L), [&](int64_t n0, int64_t n1) { lin_rows(L, p, y, L.N, n0, n1); });
 }
 
-static void lin_serial(const Lin& L, const float* x, int64_t M, float* y) {
-  Prepared p;
-  prepare(L, x, M, p);
-  lin_rows(L, p, y, L.N, 0, L.N);
+// y1 = x @ W1^T and y2 = x @ W2^T in one parallel region (attention's q_a and kv_a read the same x): their rows
+// concatenated, split over threads
+static void lin_pair(const Lin& L1, float* y1, const Lin& L2, float* y2, const float* x, int64_t M) {
+  Prepared p1, p2;
+  prepare(L1, x, M, p1);
+  prepare(L2, x, M, p2);
+  at::parallel_for(0, L1.N + L2.N, std::min(lin_grain(L1), lin_grain(L2)), [&](int64_t n0, int64_t n1) {
+    if (n0 < L1.N) lin_rows(L1, p1, y1, L1.N, n0, std::min(n1, L1.N));
+    if (n1 > L1.N) lin_rows(L2, p2, y2, L2.N, std::max(n0, L1.N) - L1.N, n1 - L1.N);
+  });
 }
 
 // out[m] = x[m] / rms(x[m]) * w, rows of D (out may be x)
@@ -196,14 +213,22 @@ struct Layer {
 class Plan {
  public:
   // dims: D, H, dn, dr, dv, r, q_lora_rank (0: none), E, top_k, n_group, topk_group, norm_topk_prob, vocab
-  // floats: rms_norm_eps, latent_norm_eps, softmax_scale, routed_scaling_factor
+  // floats: rms_norm_eps, latent_norm_eps, softmax_scale, routed_scaling_factor, rope attention factor
   // layers[i]: the tensors in the order nanok2/fused_decode.py's _layer_tensors writes them
   // final_: final norm weight, lm_head (weight, scale, bias)
+  // first: the token embeddings [V, D] (fp32 or bf16), rope's inverse frequencies [dr/2] fp32
   Plan(std::vector<int64_t> dims, std::vector<double> floats, std::vector<std::vector<torch::Tensor>> layers,
-       std::vector<torch::Tensor> final_) {
+       std::vector<torch::Tensor> final_, std::vector<torch::Tensor> first) {
     D = dims[0]; H = dims[1]; dn = dims[2]; dr = dims[3]; dv = dims[4]; r = dims[5]; qr = dims[6]; E = dims[7];
     top_k = dims[8]; n_group = dims[9]; topk_group = dims[10]; norm_topk = dims[11] != 0; V = dims[12];
     eps = float(floats[0]); latent_eps = float(floats[1]); scale = float(floats[2]); routed_scaling = float(floats[3]);
+    rope_factor = float(floats[4]);
+    embed = first[0];
+    inv_freq = first[1];
+    TORCH_CHECK(embed.dim() == 2 && embed.size(0) == V && embed.size(1) == D && embed.is_contiguous() &&
+                (embed.scalar_type() == torch::kFloat || embed.scalar_type() == torch::kBFloat16),
+                "embeddings must be fp32 or bf16 [vocab_size, hidden_size]");
+    TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat && inv_freq.numel() == dr / 2, "inv_freq: fp32 [dr/2]");
     for (auto& t : layers) {
       Layer L;
       L.tensors = t;
@@ -248,34 +273,56 @@ class Plan {
     TORCH_CHECK(lm_head.N == V && lm_head.K == D, "lm_head must be [vocab_size, hidden_size]");
   }
 
-  // x [B, D] fp32 (the token embeddings), the whole cache c_kv [L, S, T, r] and k_rope [L, S, T, dr] (written
-  // at [layer, slot_b, pos_b]), slots/pos int64 [B], cos/sin fp32 [B, dr/2] -> (logits [B, V] fp32,
-  // routed experts [L, B, k] int64, -1 for dense layers)
-  std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor c_kv, torch::Tensor k_rope, torch::Tensor slots,
-                                  torch::Tensor pos, torch::Tensor cos, torch::Tensor sin) {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(1) == D, "x: fp32 [B, D]");
+  // tokens, pos, slots int64 [B]; the whole cache c_kv [L, S, T, r] and k_rope [L, S, T, dr] (written at
+  // [layer, slot_b, pos_b]) -> (logits [B, V] fp32, tokens routed to each expert [L, E] int64, 0 in dense layers).
+  // The embedding lookup and rope's cos/sin happen here too: in Python they cost ~10% of an INT4 step.
+  std::vector<torch::Tensor> step(torch::Tensor tokens, torch::Tensor pos, torch::Tensor slots, torch::Tensor c_kv,
+                                  torch::Tensor k_rope) {
+    for (const auto* t : {&tokens, &pos, &slots})
+      TORCH_CHECK(t->scalar_type() == torch::kLong && t->dim() == 1 && t->is_contiguous() && t->size(0) == tokens.size(0),
+                  "tokens, positions and slots: int64 [B]");
     TORCH_CHECK(c_kv.is_contiguous() && k_rope.is_contiguous() && c_kv.scalar_type() == k_rope.scalar_type(), "cache");
-    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == dr / 2, "cos/sin: fp32 [B, dr/2]");
-    auto h = x.clone();   // the residual stream, fp32
-    const int64_t B = x.size(0), Lyr = int64_t(plan.size());
-    auto routed = torch::full({Lyr, B, top_k}, -1, torch::dtype(torch::kLong));
+    const int64_t B = tokens.size(0), Lyr = int64_t(plan.size()), half = dr / 2;
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* ps = pos.data_ptr<int64_t>();
+    auto h = torch::empty({B, D}, torch::dtype(torch::kFloat));   // the residual stream, fp32
+    float* hp = h.data_ptr<float>();
+    std::vector<float> cos(B * half), sin(B * half);
+    const float* inv = inv_freq.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(0 <= tok[b] && tok[b] < V, "token id ", tok[b], " outside the vocabulary (", V, ")");
+      if (embed.scalar_type() == torch::kFloat)
+        std::memcpy(hp + b * D, embed.data_ptr<float>() + tok[b] * D, D * sizeof(float));
+      else
+        for (int64_t d = 0; d < D; d += 8)
+          store8(hp + b * D + d, load8(reinterpret_cast<const uint16_t*>(embed.data_ptr()) + tok[b] * D + d));
+      for (int64_t i = 0; i < half; ++i) {       // as model.rope_cos_sin: fp32 angle, then times the factor
+        const float angle = float(ps[b]) * inv[i];
+        cos[b * half + i] = std::cos(angle) * rope_factor;
+        sin[b * half + i] = std::sin(angle) * rope_factor;
+      }
+    }
+    std::vector<int64_t> routed(B * top_k);
+    auto counts = torch::zeros({Lyr, E}, torch::dtype(torch::kLong));
     const bool bf16_cache = c_kv.scalar_type() == torch::kBFloat16;
     for (int64_t i = 0; i < Lyr; ++i) {
-      attention(plan[i], i, h.data_ptr<float>(), B, c_kv, k_rope, bf16_cache, slots.data_ptr<int64_t>(),
-                pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>());
-      mlp(plan[i], h.data_ptr<float>(), B, routed.data_ptr<int64_t>() + i * B * top_k);
+      attention(plan[i], i, hp, B, c_kv, k_rope, bf16_cache, slots.data_ptr<int64_t>(), ps, cos.data(), sin.data());
+      mlp(plan[i], hp, B, routed.data());
+      if (plan[i].moe)
+        for (int64_t p = 0; p < B * top_k; ++p) counts.data_ptr<int64_t>()[i * E + routed[p]] += 1;
     }
     std::vector<float> normed(B * D);
-    rms_norm(h.data_ptr<float>(), B, D, final_norm, eps, normed.data(), D, D);
-    auto logits = torch::empty({B, lm_head.N}, x.options());
+    rms_norm(hp, B, D, final_norm, eps, normed.data(), D, D);
+    auto logits = torch::empty({B, lm_head.N}, torch::dtype(torch::kFloat));
     lin(lm_head, normed.data(), B, logits.data_ptr<float>());
-    return {logits, routed};
+    return {logits, counts};
   }
 
  private:
   int64_t D, H, dn, dr, dv, r, qr, E, top_k, n_group, topk_group, V;
   bool norm_topk;
-  float eps, latent_eps, scale, routed_scaling;
+  float eps, latent_eps, scale, routed_scaling, rope_factor;
+  torch::Tensor embed, inv_freq;
   std::vector<Layer> plan;
   std::vector<torch::Tensor> final_tensors;
   const float* final_norm;
@@ -288,13 +335,12 @@ class Plan {
     rms_norm(h, B, D, L.in_norm, eps, xn.data(), D, D);
     if (L.q_b.defined()) {
       std::vector<float> qa(B * qr);
-      lin(L.q_a, xn.data(), B, qa.data());
+      lin_pair(L.q_a, qa.data(), L.kv_a, kv.data(), xn.data(), B);
       rms_norm(qa.data(), B, qr, L.q_a_norm, latent_eps, qa.data(), qr, qr);
       lin(L.q_b, qa.data(), B, q.data());
     } else {
-      lin(L.q_a, xn.data(), B, q.data());
+      lin_pair(L.q_a, q.data(), L.kv_a, kv.data(), xn.data(), B);
     }
-    lin(L.kv_a, xn.data(), B, kv.data());
     const int64_t half = dr / 2;
     for (int64_t b = 0; b < B; ++b) {
       float* row = kv.data() + b * (r + dr);
@@ -396,7 +442,7 @@ class Plan {
     std::vector<Task> tasks;
     if (L.moe) {
       std::vector<float> logits(B * E), w(B * top_k);
-      at::parallel_for(0, E, std::max<int64_t>(8, 65536 / D), [&](int64_t e0, int64_t e1) {
+      at::parallel_for(0, E, std::max<int64_t>(8, 16384 / D), [&](int64_t e0, int64_t e1) {   // >= 64 kB per thread
         rows_times_f32_serial(xn.data(), B, D, L.router, e0, e1, logits.data(), E);
       });
       for (int64_t b = 0; b < B; ++b) route(logits.data() + b * E, L.router_bias, routed + b * top_k, w.data() + b * top_k);
@@ -427,8 +473,15 @@ class Plan {
   // y[token] += weight * down(silu(gate x) * up x) for every task. Two parallel regions for all of them: the
   // gate and up rows of every task split over threads (row i of both with its silu, so the exponentials are
   // shared out too: at batch 16 they cost as much as a small matrix), then their down rows. The threads
-  // share the weights evenly whatever the number of experts and tokens; each weight row is read once per step.
-  static constexpr double ROW_COST = 3.0;   // a weight row's reading cost, in units of one token's multiply
+  // share the work evenly whatever the number of experts, tokens and weight formats; each weight row is read
+  // once per step.
+  static constexpr double BYTE_COST = 1.5;   // reading one weight byte, in units of one token's multiply-add
+
+  // the work of one weight row of L for M tokens: its bytes plus M multiply-adds per weight
+  static double row_cost(const Lin& L, int64_t M) {
+    const double bytes_per_weight = L.kind == INT4 ? 0.5 + 2.0 / double(L.gs) : L.kind == BF16 ? 2.0 : 4.0;
+    return double(L.K) * (BYTE_COST * bytes_per_weight + double(M));
+  }
 
   void feed_forward(const std::vector<Task>& tasks, const float* xn, float* y) {
     const int64_t A = tasks.size();
@@ -462,10 +515,15 @@ class Plan {
           for (int64_t i = l0; i < l1; ++i) act[a][m * I + i] = silu(act[a][m * I + i]) * up[a][m * I + i];
       }
     };
-    // Each thread takes an equal share of the cost, not of the rows: a weight row costs its bytes plus the
-    // tokens it multiplies (at batch 16 an expert has 1 to 6 tokens), ROW_COST + M_a; an up-phase row is two.
+    // Each thread takes an equal share of the cost, not of the rows: a weight row costs its bytes (an INT4
+    // row a quarter of a bf16 one: in experts-only INT4 the shared experts stay bf16) plus the tokens it
+    // multiplies (at batch 16 an expert has 1 to 6 tokens); an up-phase row is a gate row and an up row.
     auto balanced = [&](const std::vector<int64_t>& first, bool up_phase) {
-      auto per_row = [&](int64_t a) { return (up_phase ? 2.0 : 1.0) * (ROW_COST + double(tasks[a].tokens.size())); };
+      auto per_row = [&](int64_t a) {
+        const Task& t = tasks[a];
+        const int64_t M = t.tokens.size();
+        return up_phase ? row_cost(*t.gate, M) + row_cost(*t.up, M) : row_cost(*t.down, M);
+      };
       std::vector<double> cost(A + 1, 0.0);
       for (int64_t a = 0; a < A; ++a) cost[a + 1] = cost[a] + double(first[a + 1] - first[a]) * per_row(a);
       const int64_t threads = at::get_num_threads();
@@ -499,7 +557,7 @@ class Plan {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<fused::Plan>(m, "Plan")
       .def(pybind11::init<std::vector<int64_t>, std::vector<double>, std::vector<std::vector<torch::Tensor>>,
-                          std::vector<torch::Tensor>>())
+                          std::vector<torch::Tensor>, std::vector<torch::Tensor>>())
       .def("step", &fused::Plan::step);
 }
 """
@@ -632,19 +690,15 @@ class FusedDecoder:
             [a.hidden_size, a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim,
              a.kv_lora_rank, a.q_lora_rank or 0, a.n_routed_experts, a.num_experts_per_tok, a.n_group,
              a.topk_group, int(a.norm_topk_prob), a.vocab_size],
-            [a.rms_norm_eps, LATENT_NORM_EPS, attn.softmax_scale, a.routed_scaling_factor],
-            layers, final)
+            [a.rms_norm_eps, LATENT_NORM_EPS, attn.softmax_scale, a.routed_scaling_factor, model.rope_factor],
+            layers, final, [_dense(model.model.embed_tokens.weight), model.inv_freq.float().contiguous()])
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, c_kv: torch.Tensor,
              k_rope: torch.Tensor) -> torch.Tensor:
         """tokens, positions, slots int64 [B]; the cache's c_kv [L, S, T, r] and k_rope [L, S, T, dr] are
         written at (layer, slot, position) -> logits [B, V] fp32. Sets each MoE's `last_counts` as its forward does."""
-        model = self.model
-        x = model.model.embed_tokens.weight[tokens].float()                     # [B, D]
-        cos, sin = model.rope(positions[:, None])                               # [B, 1, dr/2]
-        logits, routed = self.plan.step(x, c_kv, k_rope, slots, positions, cos[:, 0].contiguous(),
-                                        sin[:, 0].contiguous())
+        logits, counts = self.plan.step(tokens, positions, slots, c_kv, k_rope)   # [B, V], [L, E]
         for i, moe in self.moe_layers:
-            moe.last_counts = torch.bincount(routed[i].reshape(-1), minlength=moe.experts.n_experts)
+            moe.last_counts = counts[i]
         return logits
