@@ -91,6 +91,55 @@ def test_fused_step_with_int4_weights_matches_the_dequantized_reference(targets)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.parametrize("targets", [None, "experts"])
+def test_fused_step_at_batch_16_on_two_threads_matches_the_eager_step(targets):
+    """Batch 16 takes the parallel per-expert set-up and sum; INT4 experts beside bf16 shared experts split the
+    rows by bytes. Both threads run, whatever the module's one-thread default."""
+    model = tiny_model("tiny", torch.float32 if targets is None else torch.bfloat16)
+    if targets:
+        model = quantize_model(model, targets)
+        set_int4_kernel(model, "reference")
+        g = torch.Generator().manual_seed(1)   # fixed routing, as in the INT4 test above
+        for layer in model.model.layers[model.args.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randperm(model.args.n_routed_experts, generator=g).float())
+    prompts = [[(5 * i + b) % 500 + 1 for i in range(3 + b % 7)] for b in range(16)]
+    tokens = [(37 * b) % 500 for b in range(16)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want, got, want_cache, got_cache = step_both(model, prompts, tokens)
+    finally:
+        torch.set_num_threads(before)
+    if targets is None:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    else:   # INT4 kernels round the activations: logits agree to that rounding, so a near tie may flip
+        tol = 0.03 * want.abs().max().item()
+        assert (got - want).abs().max().item() < tol
+        chosen = want.gather(1, got.argmax(-1, keepdim=True))[:, 0]
+        assert (want.max(-1).values - chosen).max().item() < 2 * tol
+
+
+def test_fused_step_counts_the_experts_the_eager_step_routes_to():
+    model = tiny_model()
+    eng = Engine(model, None, max_batch=len(PROMPTS), max_seq=64)
+    for slot, p in enumerate(PROMPTS):
+        eng._prefill(slot, p, 0)
+    eng._decode(list(range(len(PROMPTS))), TOKENS, [len(p) for p in PROMPTS])
+    moes = [layer.mlp for layer in model.model.layers[model.args.first_k_dense_replace:]]
+    want = [m.last_counts.clone() for m in moes]
+    FusedDecoder.build(model).step(torch.tensor(TOKENS), torch.tensor([len(p) for p in PROMPTS]),
+                                   torch.arange(len(PROMPTS)), eng.cache.c_kv, eng.cache.k_rope)
+    assert all(torch.equal(m.last_counts, w) for m, w in zip(moes, want))
+
+
+def test_a_token_outside_the_vocabulary_is_a_clear_error():
+    model = tiny_model()
+    eng = Engine(model, None, max_batch=1, max_seq=32)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        FusedDecoder.build(model).step(torch.tensor([model.args.vocab_size]), torch.tensor([0]), torch.tensor([0]),
+                                       eng.cache.c_kv, eng.cache.k_rope)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_engine_with_cpu_kernels_decodes_the_same_greedy_tokens(preset):
     model = tiny_model(preset)
