@@ -68,7 +68,10 @@ def register(subparsers) -> None:
     world.add_argument("--size", type=int, default=DEFAULT_SIZE, help="documents in the world")
     world.add_argument("--family", choices=FAMILIES, required=True)
     world.add_argument("--hops", type=int, help="difficulty (default: the family's)")
-    world.add_argument("--n", type=int, default=20, help="number of tasks")
+    world.add_argument("--n", type=int, default=20, help="number of tasks (in each world)")
+    world.add_argument("--worlds", type=int, default=1,
+                       help="evaluate on K worlds, seeds S .. S+K-1: the long trails of one world share most of "
+                            "their notes, so independent 300-note runs need one world each")
     world.add_argument("--json", action="store_true", help="one JSON object per task")
     world.add_argument("--log-dir", type=Path, help="write each trajectory to DIR/task-NNN.jsonl")
     world.add_argument("--live", action="store_true", help="show every run live")
@@ -204,35 +207,44 @@ def run_eval_copy(args) -> int:
 def run_eval_world(args) -> int:
     if args.n < 1:
         raise NanoK2Error(f"--n {args.n}: evaluate at least one task")
+    if args.worlds < 1:
+        raise NanoK2Error(f"--worlds {args.worlds}: evaluate on at least one world")
     backend = make_backend(args)
     from nanok2.agent import Agent
     from nanok2.agent_view import TerminalView
     from nanok2.eval_world import evaluate, summarize
     from nanok2.world import SYSTEM_PROMPT, Toolbox, build_world, make_tasks
 
-    world = build_world(args.seed, args.size)
-    toolbox = Toolbox(world.corpus)
-    tasks = make_tasks(world, toolbox, args.family, args.hops, args.n)
-    agent = Agent(backend, toolbox, make_config(args), view=TerminalView() if args.live else None)
+    seeds = list(range(args.seed, args.seed + args.worlds))
+    total = args.n * len(seeds)
 
     def show(row: dict) -> None:
         if args.json:
             print(json.dumps(row, ensure_ascii=False), flush=True)
             return
         mark = "✓" if row["correct"] else "✗"
-        print(f"[{row['task'] + 1}/{args.n}] {mark} {row['steps']} steps, {row['tool_calls']} calls "
+        print(f"[{row['task'] + 1}/{total}] {mark} {row['steps']} steps, {row['tool_calls']} calls "
               f"({row['valid_tool_calls']} valid), {row['prompt_tokens']:,}+{row['completion_tokens']:,} tokens, "
-              f"{row['seconds']:.1f} s, {row['stop_reason']}; answer {row['answer']!r}, gold {row['gold']!r}",
-              flush=True)
+              f"{row['seconds']:.1f} s, {row['stop_reason']}; answer {row['answer']!r}, gold {row['gold']!r}"
+              + (f" (world {row['seed']})" if len(seeds) > 1 else ""), flush=True)
 
-    start = time.perf_counter()
-    rows = evaluate(agent, tasks, SYSTEM_PROMPT, args.log_dir, on_task=show)
-    summary = {"suite": "world", "seed": args.seed, "family": args.family, "hops": tasks[0].hops,
+    start, rows, hops = time.perf_counter(), [], None
+    for seed in seeds:
+        world = build_world(seed, args.size)
+        toolbox = Toolbox(world.corpus)
+        tasks = make_tasks(world, toolbox, args.family, args.hops, args.n)
+        hops = tasks[0].hops
+        agent = Agent(backend, toolbox, make_config(args), view=TerminalView() if args.live else None)
+        done = evaluate(agent, tasks, SYSTEM_PROMPT, args.log_dir, first=len(rows),
+                        on_task=lambda row: show({**row, "seed": seed}))   # called within this iteration
+        rows += [{**row, "seed": seed} for row in done]
+    where = f"world {args.seed}" if len(seeds) == 1 else f"worlds {seeds[0]}-{seeds[-1]}"
+    summary = {"suite": "world", "seed": args.seed, "worlds": len(seeds), "family": args.family, "hops": hops,
                "backend": getattr(backend, "name", ""), **summarize(rows, time.perf_counter() - start)}
     if not args.json:
         rate = summary["valid_tool_call_rate"]
         print(f"accuracy {summary['accuracy']:.1%} ± {summary['ci95']:.1%} over {summary['n']} {args.family} tasks "
-              f"({summary['hops']} hops, world {args.seed}); answered {summary['completed']:.0%}; "
+              f"({summary['hops']} hops, {where}); answered {summary['completed']:.0%}; "
               f"{summary['mean_steps']:.1f} steps and {summary['mean_tool_calls']:.1f} tool calls per task "
               f"(gold {summary['mean_gold_tool_calls']:.1f}); valid calls "
               + (f"{rate:.1%}" if rate is not None else "n/a (no calls)")

@@ -28,11 +28,11 @@ def is_correct(answer: str | None, gold: str) -> bool:
 
 
 def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path | None = None,
-             on_task=None) -> list[dict]:
-    """Run `agent` on each task; -> one row per task. `on_task(row)` is called as each one ends, and
-    each run's trajectory goes to `log_dir/task-NNN.jsonl` when a folder is given."""
+             on_task=None, first: int = 0) -> list[dict]:
+    """Run `agent` on each task; -> one row per task, numbered from `first`. `on_task(row)` is called as
+    each one ends, and each run's trajectory goes to `log_dir/task-NNN.jsonl` when a folder is given."""
     rows = []
-    for i, task in enumerate(tasks):
+    for i, task in enumerate(tasks, start=first):
         log = Path(log_dir) / f"task-{i:03d}.jsonl" if log_dir else None
         result = agent.run(task.question, system_prompt=system_prompt, log_path=log)
         row = {"task": i, "family": task.family, "hops": task.hops, "question": task.question, "gold": task.answer,

@@ -534,6 +534,16 @@ def test_eval_world_and_agent_commands_on_a_tiny_checkpoint(tiny_checkpoint, tmp
     assert len(rows) == 2 and {"accuracy", "completed", "mean_tool_calls", "valid_tool_call_rate"} <= set(summary)
     assert summary["n"] == 2 and summary["family"] == "trail" and summary["prompt_tokens"] > 0
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["task-000.jsonl", "task-001.jsonl"]
+    # --worlds: n tasks from each of K worlds (independent long trails), numbered on
+    assert main(["eval", "world", "--seed", "1000", "--worlds", "2", "--size", "300", "--family", "trail", "--hops", "1",
+                 "--n", "1", "--json", "--log-dir", str(tmp_path / "logs2"), *common]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows, summary = [json.loads(line) for line in lines[:-1]], json.loads(lines[-1])
+    assert [(r["task"], r["seed"]) for r in rows] == [(0, 1000), (1, 1001)]
+    assert summary["n"] == 2 and summary["worlds"] == 2 and summary["seed"] == 1000
+    assert sorted(p.name for p in (tmp_path / "logs2").iterdir()) == ["task-000.jsonl", "task-001.jsonl"]
+    assert main(["eval", "world", "--worlds", "0", "--family", "trail", *common]) == 2
+    assert "--worlds 0: evaluate on at least one world" in capsys.readouterr().err
     assert main(["agent", "--task", "trail", "--hops", "1", "--world", "1000", "--size", "300", "--quiet",
                  "--log", str(tmp_path / "run.jsonl"), *common]) == 0
     out = capsys.readouterr().out
