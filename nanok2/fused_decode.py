@@ -520,10 +520,11 @@ class Plan {
     for (const Task& t : tasks) pairs += t.tokens.size();
     // the per-task set-up and the final sum run on both threads when there is enough of it (batch 16: ~2 ms a
     // step on one thread while the other waited)
-    const int64_t grain = pairs > 2 * A ? 1 : A;
+    const bool parallel = pairs > 2 * A;
+    const int64_t task_grain = parallel ? 1 : A;
     std::vector<Prepared> in(A), mid(A);
     std::vector<std::vector<float>> gathered(A), act(A), up(A), out(A);
-    at::parallel_for(0, A, grain, [&](int64_t a0, int64_t a1) {
+    at::parallel_for(0, A, task_grain, [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) {
         const Task& t = tasks[a];
         const int64_t M = t.tokens.size(), I = t.gate->N;
@@ -579,18 +580,16 @@ class Plan {
       });
     };
     balanced(first_up, true);
-    at::parallel_for(0, A, grain, [&](int64_t a0, int64_t a1) {
+    at::parallel_for(0, A, task_grain, [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) prepare(*tasks[a].down, act[a].data(), tasks[a].tokens.size(), mid[a]);
     });
     balanced(first_down, false);
     // y[token] += weight * out, split over columns (each thread adds every task into its share of D)
-    at::parallel_for(0, D / 8, grain == 1 ? 1 : D, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, D / 8, parallel ? 1 : D / 8, [&](int64_t c0, int64_t c1) {   // columns 8 * c0 .. 8 * c1
       for (int64_t a = 0; a < A; ++a)
         for (size_t m = 0; m < tasks[a].tokens.size(); ++m) {
-          const float wt = tasks[a].weight[m];
-          float* row = y + tasks[a].tokens[m] * D;
-          const float* o = out[a].data() + m * D;
-          for (int64_t c = c0; c < c1; ++c) axpy(wt, o + 8 * c, row + 8 * c, 8);
+          const float* o = out[a].data() + m * D + 8 * c0;
+          axpy(tasks[a].weight[m], o, y + tasks[a].tokens[m] * D + 8 * c0, 8 * (c1 - c0));
         }
     });
   }
