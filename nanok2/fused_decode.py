@@ -503,12 +503,22 @@ class Plan {
 
   // y[token] += weight * down(silu(gate x) * up x) for every task. Two parallel regions for all of them: the
   // gate and up rows of every task split over threads (row i of both with its silu, so the exponentials are
-  // shared out too: at batch 16 they cost as much as a small matrix), then their down rows. The threads
-  // share the work evenly whatever the number of experts, tokens and weight formats; each weight row is read
-  // once per step.
+  // shared out too: at batch 16 they cost as much as a small matrix), then their down rows. Each weight row
+  // is read once per step. The threads claim runs of rows as they go (see `claimed`), so they finish
+  // together whatever the number of experts, tokens and weight formats, and whatever else the machine runs.
   static constexpr double BYTE_COST = 1.5;   // reading one weight byte, in units of one token's multiply-add
+  static constexpr double MIN_CLAIM = 2e5;   // ~64 kB of bf16 weights at batch 1: a claim costs ~0.1 us
 
-  // the work of one weight row of L for M tokens: its bytes plus M multiply-adds per weight
+  // feed_forward's buffers, per task: kept from call to call, so that they are not allocated and freed for
+  // every layer of every step. Fresh ones cost page faults (glibc hands freed memory back to the system): at
+  // batch 16 the gather alone took 0.6 ms a step. The GIL serializes calls into a plan.
+  struct Scratch {
+    std::vector<Prepared> in, mid;                          // each task's activations, for the kernels
+    std::vector<std::vector<float>> gathered, act, up, out; // its tokens' rows, silu(gate) * up, up, down
+  } scratch;
+
+  // the work of one weight row of L for M tokens (it sizes the runs threads claim): its bytes plus M
+  // multiply-adds per weight
   static double row_cost(const Lin& L, int64_t M) {
     const double bytes_per_weight = L.kind == INT4 ? 0.5 + 2.0 / double(L.gs) : L.kind == BF16 ? 2.0 : 4.0;
     return double(L.K) * (BYTE_COST * bytes_per_weight + double(M));
@@ -522,8 +532,13 @@ class Plan {
     // step on one thread while the other waited)
     const bool parallel = pairs > 2 * A;
     const int64_t task_grain = parallel ? 1 : A;
-    std::vector<Prepared> in(A), mid(A);
-    std::vector<std::vector<float>> gathered(A), act(A), up(A), out(A);
+    if (int64_t(scratch.in.size()) < A) {
+      for (auto* v : {&scratch.gathered, &scratch.act, &scratch.up, &scratch.out}) v->resize(A);
+      scratch.in.resize(A);
+      scratch.mid.resize(A);
+    }
+    auto &in = scratch.in, &mid = scratch.mid;
+    auto &gathered = scratch.gathered, &act = scratch.act, &up = scratch.up, &out = scratch.out;
     at::parallel_for(0, A, task_grain, [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) {
         const Task& t = tasks[a];
@@ -555,35 +570,59 @@ class Plan {
         for (int64_t m = 0; m < M; ++m) silu_mul(act[a].data() + m * I + l0, up[a].data() + m * I + l0, l1 - l0);
       }
     };
-    // Each thread takes an equal share of the cost, not of the rows: a weight row costs its bytes (an INT4
-    // row a quarter of a bf16 one: in experts-only INT4 the shared experts stay bf16) plus the tokens it
-    // multiplies (at batch 16 an expert has 1 to 6 tokens); an up-phase row is a gate row and an up row.
-    auto balanced = [&](const std::vector<int64_t>& first, bool up_phase) {
+    // Threads claim runs of rows from both ends of the task list: even threads from the front (the routed
+    // experts, bound by memory), odd ones from the back (the shared experts, which at batch 16 are bound by
+    // arithmetic, so the two kinds overlap). A claim takes 1 / (2 x threads) of the cost left, at least
+    // MIN_CLAIM, so there are few claims and the last ones are short. A static split by the cost model left
+    // the threads waiting for each other 5% of their time in the expert phases at batch 16, 4% at batch 1
+    // (bf16, bench preset): the model cannot know how DRAM, caches and other processes treat each thread.
+    auto claimed = [&](const std::vector<int64_t>& first, bool up_phase) {
       auto per_row = [&](int64_t a) {
         const Task& t = tasks[a];
         const int64_t M = t.tokens.size();
         return up_phase ? row_cost(*t.gate, M) + row_cost(*t.up, M) : row_cost(*t.down, M);
       };
-      std::vector<double> cost(A + 1, 0.0);
+      std::vector<double> cost(A + 1, 0.0);   // cumulative cost at each task's first row
       for (int64_t a = 0; a < A; ++a) cost[a + 1] = cost[a] + double(first[a + 1] - first[a]) * per_row(a);
-      const int64_t threads = at::get_num_threads();
-      auto row_at = [&](double c) {       // the global row where the cumulative cost reaches c
+      auto row_at = [&](double c) {           // the global row where the cumulative cost reaches c
+        if (c <= 0.0) return first[0];
         if (c >= cost[A]) return first[A];
         const int64_t a = std::upper_bound(cost.begin(), cost.end(), c) - cost.begin() - 1;
         return std::min(first[a + 1], first[a] + int64_t((c - cost[a]) / per_row(a)));
       };
+      auto cost_at = [&](int64_t row) {       // the cumulative cost at a global row
+        if (row >= first[A]) return cost[A];
+        const int64_t a = std::upper_bound(first.begin(), first.end(), row) - first.begin() - 1;
+        return cost[a] + double(row - first[a]) * per_row(a);
+      };
+      const int64_t threads = at::get_num_threads();
+      TORCH_CHECK(first[A] < (int64_t(1) << 32), "too many expert rows");
+      std::atomic<uint64_t> left{uint64_t(first[A]) << 32};   // the rows not claimed yet: [low 32 bits, high 32)
       at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t r0 = row_at(cost[A] * t / threads), r1 = row_at(cost[A] * (t + 1) / threads);
-          if (r1 > r0) rows(first, r0, r1, up_phase);
+          const bool from_back = t % 2 == 1;
+          uint64_t now = left.load();
+          for (;;) {
+            const int64_t lo = int64_t(now & 0xFFFFFFFFu), hi = int64_t(now >> 32);
+            if (lo >= hi) break;
+            const double c_lo = cost_at(lo), c_hi = cost_at(hi);
+            const double take = std::max(MIN_CLAIM, (c_hi - c_lo) / double(2 * threads));
+            int64_t r0 = lo, r1 = hi;
+            if (from_back) r0 = std::clamp(row_at(c_hi - take), lo, hi - 1);
+            else r1 = std::clamp(row_at(c_lo + take), lo + 1, hi);
+            const uint64_t rest = from_back ? (uint64_t(r0) << 32) | uint64_t(lo) : (uint64_t(hi) << 32) | uint64_t(r1);
+            if (!left.compare_exchange_weak(now, rest)) continue;   // another thread claimed first: `now` reloaded
+            rows(first, r0, r1, up_phase);
+            now = left.load();
+          }
         }
       });
     };
-    balanced(first_up, true);
+    claimed(first_up, true);
     at::parallel_for(0, A, task_grain, [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) prepare(*tasks[a].down, act[a].data(), tasks[a].tokens.size(), mid[a]);
     });
-    balanced(first_down, false);
+    claimed(first_down, false);
     // y[token] += weight * out, split over columns (each thread adds every task into its share of D)
     at::parallel_for(0, D / 8, parallel ? 1 : D / 8, [&](int64_t c0, int64_t c1) {   // columns 8 * c0 .. 8 * c1
       for (int64_t a = 0; a < A; ++a)
@@ -610,6 +649,7 @@ _INCLUDES = """
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <alloca.h>
+#include <atomic>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
