@@ -119,6 +119,25 @@ def test_fused_step_at_batch_16_on_two_threads_matches_the_eager_step(targets):
         assert (want.max(-1).values - chosen).max().item() < 2 * tol
 
 
+def test_fused_step_with_many_claims_per_expert_phase_matches_the_eager_step():
+    """Wide enough that the two threads claim expert rows many times from both ends and meet in the middle
+    (an up phase costs ~2e7, a claim takes a quarter of what is left, at least 2e5): the tiny presets fit
+    in one claim."""
+    args = ModelArgs.from_preset("tiny", initializer_range=0.1, hidden_size=256, intermediate_size=512,
+                                 moe_intermediate_size=256, n_routed_experts=16, num_experts_per_tok=4)
+    model = build_model(args, seed=0, dtype=torch.float32).eval()
+    prompts = [[(3 * i + b) % 500 + 1 for i in range(2 + b % 5)] for b in range(16)]
+    tokens = [(29 * b) % 500 for b in range(16)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want, got, want_cache, got_cache = step_both(model, prompts, tokens)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got_cache[0], want_cache[0], atol=1e-5, rtol=1e-5)
+
+
 def test_fused_step_counts_the_experts_the_eager_step_routes_to():
     model = tiny_model()
     eng = Engine(model, None, max_batch=len(PROMPTS), max_seq=64)
