@@ -225,7 +225,8 @@ def run_eval_world(args) -> int:
         mark = "✓" if row["correct"] else "✗"
         print(f"[{row['task'] + 1}/{total}] {mark} {row['steps']} steps, {row['tool_calls']} calls "
               f"({row['valid_tool_calls']} valid), {row['prompt_tokens']:,}+{row['completion_tokens']:,} tokens, "
-              f"{row['seconds']:.1f} s, {row['stop_reason']}; answer {row['answer']!r}, gold {row['gold']!r}"
+              f"{row['seconds']:.1f} s, {row['stop_reason']}; gold documents opened in order "
+              f"{row['evidence_followed']}/{row['evidence_docs']}; answer {row['answer']!r}, gold {row['gold']!r}"
               + (f" (world {row['seed']})" if len(seeds) > 1 else ""), flush=True)
 
     start, rows, hops = time.perf_counter(), [], None
@@ -246,7 +247,9 @@ def run_eval_world(args) -> int:
         print(f"accuracy {summary['accuracy']:.1%} ± {summary['ci95']:.1%} over {summary['n']} {args.family} tasks "
               f"({summary['hops']} hops, {where}); answered {summary['completed']:.0%}; "
               f"{summary['mean_steps']:.1f} steps and {summary['mean_tool_calls']:.1f} tool calls per task "
-              f"(gold {summary['mean_gold_tool_calls']:.1f}); valid calls "
+              f"(gold {summary['mean_gold_tool_calls']:.1f}); gold documents opened in order "
+              f"{summary['evidence_followed']:.0%} (median {summary['median_evidence_followed']:g} of "
+              f"{summary['median_evidence_docs']:g}); valid calls "
               + (f"{rate:.1%}" if rate is not None else "n/a (no calls)")
               + f"; {summary['prompt_tokens']:,} prompt ({summary['cached_tokens']:,} cached) + "
               f"{summary['completion_tokens']:,} generated tokens; {summary['seconds']:.1f} s")

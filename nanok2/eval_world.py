@@ -7,7 +7,9 @@ tasks, a run that ends without an answer counting as wrong, as HLE and BrowseCom
 """
 from __future__ import annotations
 
+import json
 import math
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +29,42 @@ def is_correct(answer: str | None, gold: str) -> bool:
     return answer is not None and answer_key(answer) == answer_key(gold)
 
 
+def opened_docids(messages: list[dict]) -> list[str]:
+    """The docids a run's `open` calls asked for, in order (calls whose arguments do not parse are skipped)."""
+    out = []
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function") or {}
+            if fn.get("name") != "open":
+                continue
+            args = fn.get("arguments")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError:
+                continue
+            if isinstance(args, dict) and isinstance(args.get("docid"), str):
+                out.append(args["docid"].strip())
+    return out
+
+
+def evidence_chain(evidence: list[dict]) -> list[str]:
+    """A task's gold evidence documents in order, a document named twice in a row once (two facts of one
+    article are one `open`)."""
+    docids = [e["docid"] for e in evidence]
+    return [d for i, d in enumerate(docids) if i == 0 or d != docids[i - 1]]
+
+
+def evidence_followed(chain: list[str], opened: list[str]) -> int:
+    """How many of the gold documents `chain`, from the first, a run opened in that order (a wrong document
+    in between does not end the count; opening the right one after it continues it). On a trail: the notes
+    followed."""
+    n = 0
+    for docid in opened:
+        if n < len(chain) and docid == chain[n]:
+            n += 1
+    return n
+
+
 def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path | None = None,
              on_task=None, first: int = 0) -> list[dict]:
     """Run `agent` on each task; -> one row per task, numbered from `first`. `on_task(row)` is called as
@@ -35,9 +73,11 @@ def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path 
     for i, task in enumerate(tasks, start=first):
         log = Path(log_dir) / f"task-{i:03d}.jsonl" if log_dir else None
         result = agent.run(task.question, system_prompt=system_prompt, log_path=log)
+        chain = evidence_chain(task.evidence)
         row = {"task": i, "family": task.family, "hops": task.hops, "question": task.question, "gold": task.answer,
                "answer": result.answer, "correct": is_correct(result.answer, task.answer),
                "gold_tool_calls": sum(len(m.get("tool_calls") or []) for m in task.messages),
+               "evidence_docs": len(chain), "evidence_followed": evidence_followed(chain, opened_docids(result.messages)),
                **{k: v for k, v in result.summary().items() if k not in ("question", "answer", "content")}}
         rows.append(row)
         on_task and on_task(row)
@@ -47,7 +87,8 @@ def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path 
 def summarize(rows: list[dict], seconds: float | None = None) -> dict:
     """The figures of an eval: accuracy (over all tasks), its 95% half-width, the share of runs that
     ended with an answer (`completed`), steps and tool calls per task, the share of well-formed calls
-    (None when no call was made), token totals and time."""
+    (None when no call was made), the gold evidence documents opened in order (`evidence_followed`: the
+    mean share; its median count beside the median count there was to open), token totals and time."""
     n = len(rows)
     if n == 0:
         return {"n": 0, "accuracy": 0.0, "completed": 0.0, "mean_tool_calls": 0.0, "valid_tool_call_rate": None}
@@ -62,6 +103,10 @@ def summarize(rows: list[dict], seconds: float | None = None) -> dict:
         "mean_tool_calls": calls / n,
         "valid_tool_call_rate": sum(r["valid_tool_calls"] for r in rows) / calls if calls else None,
         "mean_gold_tool_calls": sum(r["gold_tool_calls"] for r in rows) / n,
+        **({"evidence_followed": sum(r["evidence_followed"] / max(r["evidence_docs"], 1) for r in rows) / n,
+            "median_evidence_followed": statistics.median(r["evidence_followed"] for r in rows),
+            "median_evidence_docs": statistics.median(r["evidence_docs"] for r in rows)}
+           if all("evidence_docs" in r for r in rows) else {}),
         "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "cached_tokens": sum(r["cached_tokens"] for r in rows),
         "completion_tokens": sum(r["completion_tokens"] for r in rows),

@@ -19,7 +19,7 @@ from nanok2.agent_view import TerminalView
 from nanok2.chat import StreamParser, render
 from nanok2.cli import main
 from nanok2.context import PLACEHOLDER
-from nanok2.eval_world import answer_key, is_correct, summarize
+from nanok2.eval_world import answer_key, evidence_chain, evidence_followed, is_correct, opened_docids, summarize
 from nanok2.world import SYSTEM_PROMPT, Toolbox, build_world, make_tasks
 
 
@@ -356,6 +356,30 @@ def test_answers_are_extracted_and_normalised():
     assert (s["accuracy"], s["completed"], s["mean_tool_calls"], s["valid_tool_call_rate"]) == (0.5, 0.5, 2.0, 0.75)
 
 
+def test_eval_counts_the_gold_documents_a_run_opened_in_order():
+    def turn(*calls):
+        return {"role": "assistant", "tool_calls": [
+            {"id": f"functions.{name}:{i}", "type": "function", "function": {"name": name, "arguments": args}}
+            for i, (name, args) in enumerate(calls)]}
+    messages = [{"role": "user", "content": "q"},
+                turn(("open", '{"docid": "d0001"}'), ("search", '{"query": "d0002"}')),
+                {"role": "tool", "tool_call_id": "functions.open:0", "content": "..."},
+                turn(("open", '{"docid": "d0009"}')),          # a wrong note: the count does not end here
+                turn(("open", "{not json")), turn(("open", {"docid": " d0002 "})),
+                turn(("open", '{"docid": "d0004"}'))]           # skips d0003: the count stops at 2
+    assert opened_docids(messages) == ["d0001", "d0009", "d0002", "d0004"]
+    chain = evidence_chain([{"docid": d} for d in ["d0001", "d0002", "d0002", "d0003", "d0004"]])
+    assert chain == ["d0001", "d0002", "d0003", "d0004"]
+    assert evidence_followed(chain, opened_docids(messages)) == 2
+    assert evidence_followed(chain, []) == 0 and evidence_followed(chain, chain + ["d0005"]) == 4
+    base = {"answer": None, "steps": 1, "tool_calls": 1, "valid_tool_calls": 1, "gold_tool_calls": 4, "prompt_tokens": 1,
+            "cached_tokens": 0, "completion_tokens": 1, "seconds": 1.0, "stop_reason": "budget", "correct": False}
+    s = summarize([{**base, "evidence_docs": 4, "evidence_followed": 2}, {**base, "evidence_docs": 4, "evidence_followed": 4},
+                   {**base, "evidence_docs": 2, "evidence_followed": 0}])
+    assert s["evidence_followed"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert (s["median_evidence_followed"], s["median_evidence_docs"]) == (2, 4)
+
+
 # ---- OpenAI-compatible servers -------------------------------------------------------------------------
 
 def test_openai_message_conversion():
@@ -533,6 +557,8 @@ def test_eval_world_and_agent_commands_on_a_tiny_checkpoint(tiny_checkpoint, tmp
     rows, summary = [json.loads(line) for line in lines[:-1]], json.loads(lines[-1])
     assert len(rows) == 2 and {"accuracy", "completed", "mean_tool_calls", "valid_tool_call_rate"} <= set(summary)
     assert summary["n"] == 2 and summary["family"] == "trail" and summary["prompt_tokens"] > 0
+    assert all(r["evidence_docs"] == 1 and 0 <= r["evidence_followed"] <= 1 for r in rows)
+    assert 0 <= summary["evidence_followed"] <= 1 and summary["median_evidence_docs"] == 1
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["task-000.jsonl", "task-001.jsonl"]
     # --worlds: n tasks from each of K worlds (independent long trails), numbered on
     assert main(["eval", "world", "--seed", "1000", "--worlds", "2", "--size", "300", "--family", "trail", "--hops", "1",
