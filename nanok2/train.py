@@ -332,6 +332,10 @@ def run(args) -> int:
             print(f"stage {i + 1}/{len(recipe.stages)}: step {last['step']} loss {last['loss']:.4f}"
                   + (f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else "") + f" -> {cfg.out}")
     if dist.is_available() and dist.is_initialized():
+        # every rank done (rank 0 writes the final checkpoint and plot last) before any tears gloo down: in one
+        # CI run on a loaded machine, rank 1 aborted in teardown ("terminate called without an active
+        # exception") while rank 0 was still writing
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
