@@ -43,6 +43,16 @@ def step_both(model, prompts, tokens):
     return want, got, want_cache, (eng.cache.c_kv, eng.cache.k_rope)
 
 
+def step_both_on_two_threads(model, prompts, tokens):
+    """`step_both` with two torch threads, whatever the module's one-thread default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return step_both(model, prompts, tokens)
+    finally:
+        torch.set_num_threads(before)
+
+
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11] * 6]
 TOKENS = [11, 12, 13]
 
@@ -104,12 +114,7 @@ def test_fused_step_at_batch_16_on_two_threads_matches_the_eager_step(targets):
             layer.mlp.gate.e_score_correction_bias.copy_(torch.randperm(model.args.n_routed_experts, generator=g).float())
     prompts = [[(5 * i + b) % 500 + 1 for i in range(3 + b % 7)] for b in range(16)]
     tokens = [(37 * b) % 500 for b in range(16)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        want, got, want_cache, got_cache = step_both(model, prompts, tokens)
-    finally:
-        torch.set_num_threads(before)
+    want, got, want_cache, got_cache = step_both_on_two_threads(model, prompts, tokens)
     if targets is None:
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     else:   # INT4 kernels round the activations: logits agree to that rounding, so a near tie may flip
@@ -128,12 +133,7 @@ def test_fused_step_with_many_claims_per_expert_phase_matches_the_eager_step():
     model = build_model(args, seed=0, dtype=torch.float32).eval()
     prompts = [[(3 * i + b) % 500 + 1 for i in range(2 + b % 5)] for b in range(16)]
     tokens = [(29 * b) % 500 for b in range(16)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        want, got, want_cache, got_cache = step_both(model, prompts, tokens)
-    finally:
-        torch.set_num_threads(before)
+    want, got, want_cache, got_cache = step_both_on_two_threads(model, prompts, tokens)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got_cache[0], want_cache[0], atol=1e-5, rtol=1e-5)
 
