@@ -117,7 +117,6 @@ static void rows_times_f32_serial(const float* x, int64_t M, int64_t K, const fl
     for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = dot(x + m * K, w + n * K, K);
 }
 
-// Activations prepared for one linear's kind: INT4 wants them quantized once, before the parallel region.
 // Activations prepared for one linear's kind, once, before the parallel region: bf16 weights want them
 // in the kernel's split_pairs order, INT4 ones quantized.
 struct Prepared {
