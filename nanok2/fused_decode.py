@@ -218,6 +218,24 @@ static inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// s[t] = e^(s[t] - max s) for t < n, 8 at a time; -> their sum (a softmax's denominator). At batch 16 the
+// attention's exponentials one at a time with std::exp cost as much as its dot products.
+static inline float exp_shifted(float* s, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+    _mm256_storeu_ps(s + t, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = hsum(sum);
+  for (; t < n; ++t) total += (s[t] = std::exp(s[t] - mx));
+  return total;
+}
+
 // g[i] = silu(g[i]) * u[i] for i < n (a NaN in g stays NaN: it is the numerator)
 static inline void silu_mul(float* g, const float* u, int64_t n) {
   int64_t i = 0;
@@ -232,7 +250,9 @@ static inline void silu_mul(float* g, const float* u, int64_t n) {
 struct Layer {
   std::vector<torch::Tensor> tensors; // what the pointers below point into: kept alive with the plan
   const float *in_norm, *post_norm, *q_a_norm = nullptr, *kv_norm;
-  torch::Tensor kv_b;                 // [H*(dn+dv), r] fp32 or bf16 (the absorbed attention reads it per head)
+  torch::Tensor kv_b;                 // [H*(dn+dv), r] fp32 or bf16: per head, dn key rows then dv value rows
+  torch::Tensor kv_b_keys_t;          // [H, r, dn]: each head's key rows transposed, for q_lat = W_k^T q_nope
+  std::vector<Lin> absorb_q, absorb_out;   // per head: [r, dn] (q_nope -> latent), [dv, r] (latent -> value)
   Lin q_a, q_b, kv_a, o;              // q_a is q_proj when the model has no q_lora_rank (q_b undefined)
   bool moe = false;
   Lin gate, up, down;                 // the dense MLP, or the shared experts of an MoE layer (undefined: none)
@@ -267,6 +287,13 @@ class Plan {
       if (t[2].numel()) L.q_a_norm = t[2].data_ptr<float>();
       L.kv_norm = t[3].data_ptr<float>();
       L.kv_b = t[4];
+      TORCH_CHECK(L.kv_b.dim() == 2 && L.kv_b.size(0) == H * (dn + dv) && L.kv_b.size(1) == r && L.kv_b.is_contiguous(),
+                  "kv_b must be [heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]");
+      L.kv_b_keys_t = L.kv_b.view({H, dn + dv, r}).narrow(1, 0, dn).transpose(1, 2).contiguous();
+      for (int64_t hh = 0; hh < H; ++hh) {
+        L.absorb_q.push_back(make_lin(L.kv_b_keys_t, torch::Tensor(), torch::Tensor(), hh * r, r));
+        L.absorb_out.push_back(make_lin(L.kv_b, torch::Tensor(), torch::Tensor(), hh * (dn + dv) + dn, dv));
+      }
       L.q_a = make_lin(t[5], t[6], t[7]);
       L.q_b = make_lin(t[8], t[9], t[10]);
       L.kv_a = make_lin(t[11], t[12], t[13]);
@@ -389,45 +416,68 @@ class Plan {
         std::memcpy(k_rope.data_ptr<float>() + at * dr, row + r, dr * sizeof(float));
       }
     }
-    // absorbed attention, one (sequence, head) per task
-    const bool bf16_w = L.kv_b.scalar_type() == torch::kBFloat16;
-    at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<float> q_lat(r), ctx(r), scores;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t b = p / H, hh = p % H, n = pos[b] + 1;
-        const int64_t base = (layer * S + slots[b]) * T;
-        const float* qh = q.data() + p * qd;
-        std::fill(q_lat.begin(), q_lat.end(), 0.f);
-        std::fill(ctx.begin(), ctx.end(), 0.f);
-        const int64_t w0 = hh * (dn + dv);   // this head's rows of kv_b: dn key rows, then dv value rows
-        for (int64_t d = 0; d < dn; ++d) {
-          if (bf16_w) axpy(qh[d], reinterpret_cast<const uint16_t*>(L.kv_b.data_ptr()) + (w0 + d) * r, q_lat.data(), r);
-          else axpy(qh[d], L.kv_b.data_ptr<float>() + (w0 + d) * r, q_lat.data(), r);
-        }
+    // Absorbed attention in three parts. Per head, for all B sequences at once: q_lat = W_k^T q_nope, the query
+    // in the latent space (one pass of the matmul kernel over the head's key rows of kv_b; reading and widening
+    // them once per sequence made batch 16 pay for them 16 times). Then per sequence: scores against its cached
+    // latents and rope keys, softmax, and ctx = sum_t p_t c_t. Then per head, for all sequences: out = W_v ctx.
+    std::vector<float> q_lat(B * H * r), ctx(B * H * r);
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> rows(B * dn);
+      Prepared p;
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(rows.data() + b * dn, q.data() + (b * H + hh) * qd, dn * sizeof(float));
+        prepare(L.absorb_q[hh], rows.data(), B, p);
+        lin_rows(L.absorb_q[hh], p, q_lat.data() + hh * r, H * r, 0, r);
+      }
+    });
+    // a task is one sequence and a group of its heads: all heads when there are enough sequences to share
+    // out, and then a bf16 cache is widened to fp32 once for all of them (at batch 16, widening it again for
+    // every head cost more than the dot products); else one head
+    const int64_t per_task = B >= 2 * at::get_num_threads() ? H : 1, groups = H / per_task;
+    at::parallel_for(0, B * groups, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> scores, lat, rk;
+      // heads [h0, h0 + per_task) of sequence b over its n cached latents [n, r] and rope keys [n, dr]
+      auto attend = [&](int64_t b, int64_t h0, int64_t n, const auto* lat_rows, const auto* rope_rows) {
         scores.resize(n);
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) {
-          float sc;
-          if (bf16_cache)
-            sc = dot(q_lat.data(), reinterpret_cast<const uint16_t*>(c_kv.data_ptr()) + (base + t) * r, r) +
-                 dot(qh + dn, reinterpret_cast<const uint16_t*>(k_rope.data_ptr()) + (base + t) * dr, dr);
-          else
-            sc = dot(q_lat.data(), c_kv.data_ptr<float>() + (base + t) * r, r) +
-                 dot(qh + dn, k_rope.data_ptr<float>() + (base + t) * dr, dr);
-          scores[t] = sc * scale;
-          mx = std::max(mx, scores[t]);
+        for (int64_t hh = h0; hh < h0 + per_task; ++hh) {
+          const float* ql = q_lat.data() + (b * H + hh) * r;
+          const float* qrope = q.data() + (b * H + hh) * qd + dn;
+          float* cx = ctx.data() + (b * H + hh) * r;
+          for (int64_t t = 0; t < n; ++t)
+            scores[t] = (dot(ql, lat_rows + t * r, r) + dot(qrope, rope_rows + t * dr, dr)) * scale;
+          const float total = exp_shifted(scores.data(), n);
+          std::fill(cx, cx + r, 0.f);
+          for (int64_t t = 0; t < n; ++t) axpy(scores[t] / total, lat_rows + t * r, cx, r);
         }
-        float total = 0.f;
-        for (int64_t t = 0; t < n; ++t) total += (scores[t] = std::exp(scores[t] - mx));
-        for (int64_t t = 0; t < n; ++t) {
-          const float pt = scores[t] / total;
-          if (bf16_cache) axpy(pt, reinterpret_cast<const uint16_t*>(c_kv.data_ptr()) + (base + t) * r, ctx.data(), r);
-          else axpy(pt, c_kv.data_ptr<float>() + (base + t) * r, ctx.data(), r);
+      };
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / groups, h0 = (p % groups) * per_task, n = pos[b] + 1;
+        const int64_t base = (layer * S + slots[b]) * T;
+        if (!bf16_cache) {
+          attend(b, h0, n, c_kv.data_ptr<float>() + base * r, k_rope.data_ptr<float>() + base * dr);
+          continue;
         }
-        float* oh = out.data() + p * dv;
-        for (int64_t j = 0; j < dv; ++j)
-          oh[j] = bf16_w ? dot(ctx.data(), reinterpret_cast<const uint16_t*>(L.kv_b.data_ptr()) + (w0 + dn + j) * r, r)
-                         : dot(ctx.data(), L.kv_b.data_ptr<float>() + (w0 + dn + j) * r, r);
+        const auto* c = reinterpret_cast<const uint16_t*>(c_kv.data_ptr()) + base * r;
+        const auto* k = reinterpret_cast<const uint16_t*>(k_rope.data_ptr()) + base * dr;
+        if (per_task == 1) {
+          attend(b, h0, n, c, k);
+          continue;
+        }
+        lat.resize(n * r);
+        rk.resize(n * dr);
+        for (int64_t i = 0; i < n * r; i += 8) store8(lat.data() + i, load8(c + i));
+        for (int64_t i = 0; i < n * dr; i += 8) store8(rk.data() + i, load8(k + i));
+        attend(b, h0, n, lat.data(), rk.data());
+      }
+    });
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> rows(B * r);
+      Prepared p;
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        for (int64_t b = 0; b < B; ++b) std::memcpy(rows.data() + b * r, ctx.data() + (b * H + hh) * r, r * sizeof(float));
+        prepare(L.absorb_out[hh], rows.data(), B, p);
+        lin_rows(L.absorb_out[hh], p, out.data() + hh * dv, H * dv, 0, dv);
       }
     });
     lin(L.o, out.data(), B, o.data());

@@ -65,10 +65,13 @@ def test_fused_step_matches_the_eager_step_in_fp32(preset):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_fused_step_in_bf16_is_at_least_as_exact_as_the_eager_step(preset):
+@pytest.mark.parametrize("preset,threads", [(p, 1) for p in PRESETS] + [("tiny", 2)])
+def test_fused_step_in_bf16_is_at_least_as_exact_as_the_eager_step(preset, threads):
+    """On one thread the 3 sequences' attention runs all heads of a sequence per task (the bf16 cache widened
+    once for them); on two, one head per task, reading the bf16 cache directly."""
     model = tiny_model(preset, torch.bfloat16)
-    want, got, want_cache, got_cache = step_both(model, PROMPTS, TOKENS)
+    step = step_both if threads == 1 else step_both_on_two_threads
+    want, got, want_cache, got_cache = step(model, PROMPTS, TOKENS)
     # the truth for these weights and this cache: the eager step of the same weights in fp32
     exact = Engine(copy.deepcopy(model).float(), None, max_batch=len(PROMPTS), max_seq=64)
     eng = Engine(model, None, max_batch=len(PROMPTS), max_seq=64)
