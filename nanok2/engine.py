@@ -96,9 +96,10 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_seq: int = 4096, cpu_kernels: bool = False):
         """`cpu_kernels`: run decode steps through nanok2's compiled CPU kernels: the whole step as one C++ call
         (nanok2.fused_decode) and, on a bf16 model, its linear layers and experts through nanok2.cpu_kernels
-        for prefill (the modules' classes are swapped in place, weights shared). Several times faster on a CPU.
-        Off by default: the kernels are compiled on first use (a minute or two, then cached), and the eager
-        step is the reference the tests compare them with."""
+        for prefill (the modules' classes are swapped in place, weights shared), with the weights moved into
+        huge pages (nanok2.huge_pages). Several times faster on a CPU. Off by default: the kernels are compiled
+        on first use (a minute or two, then cached), and the eager step is the reference the tests compare
+        them with."""
         args = model.args
         if max_seq > args.max_position_embeddings:
             raise NanoK2Error(f"max_seq={max_seq} exceeds the model's max_position_embeddings={args.max_position_embeddings}")
@@ -111,6 +112,8 @@ class Engine:
         if cpu_kernels and self.device.type == "cpu":
             from nanok2.cpu_kernels import use_bf16_kernel
             from nanok2.fused_decode import FusedDecoder
+            from nanok2.huge_pages import move_to_huge_pages
+            move_to_huge_pages(model)
             if self.dtype == torch.bfloat16:
                 use_bf16_kernel(model)
             self.fused = FusedDecoder.build(model)
