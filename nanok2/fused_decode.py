@@ -421,16 +421,23 @@ class Plan {
     // them once per sequence made batch 16 pay for them 16 times). Then per sequence: scores against its cached
     // latents and rope keys, softmax, and ctx = sum_t p_t c_t. Then per head, for all sequences: out = W_v ctx.
     std::vector<float> q_lat(B * H * r), ctx(B * H * r);
-    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-      std::vector<float> rows(B * dn);
-      Prepared p;
-      for (int64_t hh = h0; hh < h1; ++hh) {
-        for (int64_t b = 0; b < B; ++b)
-          std::memcpy(rows.data() + b * dn, q.data() + (b * H + hh) * qd, dn * sizeof(float));
-        prepare(L.absorb_q[hh], rows.data(), B, p);
-        lin_rows(L.absorb_q[hh], p, q_lat.data() + hh * r, H * r, 0, r);
-      }
-    });
+    // per head hh, for all B sequences: y[b, hh] = lins[hh] x[b, hh], where x[b, hh] starts at
+    // x + (b * H + hh) * x_stride (lins[hh].K floats) and y is [B, H, lins[hh].N]
+    auto per_head = [&](const std::vector<Lin>& lins, const float* x, int64_t x_stride, float* y) {
+      at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+        Prepared p;
+        std::vector<float> rows;
+        for (int64_t hh = h0; hh < h1; ++hh) {
+          const Lin& W = lins[hh];
+          rows.resize(B * W.K);
+          for (int64_t b = 0; b < B; ++b)
+            std::memcpy(rows.data() + b * W.K, x + (b * H + hh) * x_stride, W.K * sizeof(float));
+          prepare(W, rows.data(), B, p);
+          lin_rows(W, p, y + hh * W.N, H * W.N, 0, W.N);
+        }
+      });
+    };
+    per_head(L.absorb_q, q.data(), qd, q_lat.data());   // the first dn numbers of each head's query
     // a task is one sequence and a group of its heads: all heads when there are enough sequences to share
     // out, and then a bf16 cache is widened to fp32 once for all of them (at batch 16, widening it again for
     // every head cost more than the dot products); else one head
@@ -471,15 +478,7 @@ class Plan {
         attend(b, h0, n, lat.data(), rk.data());
       }
     });
-    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-      std::vector<float> rows(B * r);
-      Prepared p;
-      for (int64_t hh = h0; hh < h1; ++hh) {
-        for (int64_t b = 0; b < B; ++b) std::memcpy(rows.data() + b * r, ctx.data() + (b * H + hh) * r, r * sizeof(float));
-        prepare(L.absorb_out[hh], rows.data(), B, p);
-        lin_rows(L.absorb_out[hh], p, out.data() + hh * dv, H * dv, 0, dv);
-      }
-    });
+    per_head(L.absorb_out, ctx.data(), r, out.data());
     lin(L.o, out.data(), B, o.data());
     for (int64_t i = 0; i < B * D; ++i) h[i] += o[i];
   }

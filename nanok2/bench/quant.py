@@ -41,7 +41,7 @@ def quantized_bytes(model) -> tuple[int, int]:
 
 
 def run(args) -> int:
-    from nanok2.bench.decode import measure_decode
+    from nanok2.bench.decode import measure_decode, median_by_speed
     from nanok2.checkpoint import load_model
     from nanok2.config import ModelArgs
     from nanok2.errors import NanoK2Error
@@ -65,13 +65,13 @@ def run(args) -> int:
                 "int4_all_linear": quantize_model(copy.deepcopy(bf16), "linear", args.group_size)}
     if args.skip_fp32:
         del variants["fp32"]
-    speeds = {name: [] for name in variants}
+    rounds = {name: [] for name in variants}
     for _ in range(args.rounds):                     # interleaved: a load spike hits every variant alike
         for name, model in variants.items():
-            speeds[name].append(measure_decode(model, 1, args.prompt_len, args.new_tokens)["decode_tok_s"])
+            rounds[name].append(measure_decode(model, 1, args.prompt_len, args.new_tokens))
     # the median round, not the best: a faster variant's measurements are shorter, and the fastest of a few
     # short windows catches the machine's fast moments more than the fastest of long ones
-    median = {name: sorted(v)[(len(v) - 1) // 2] for name, v in speeds.items()}
+    median = {name: median_by_speed(rs)["decode_tok_s"] for name, rs in rounds.items()}
 
     base = variants["bf16"]
     rows, result = [], dict(bench="quant", model=args.model or args.preset, group_size=args.group_size,
