@@ -122,7 +122,7 @@ static void rows_times_f32_serial(const float* x, int64_t M, int64_t K, const fl
 struct Prepared {
   const float* x = nullptr;
   int64_t M = 0;
-  std::vector<float> split;
+  bf16k::AlignedVector<float> split;
   int4k::QuantRows q;
 };
 
@@ -420,7 +420,7 @@ class Plan {
     // in the latent space (one pass of the matmul kernel over the head's key rows of kv_b; reading and widening
     // them once per sequence made batch 16 pay for them 16 times). Then per sequence: scores against its cached
     // latents and rope keys, softmax, and ctx = sum_t p_t c_t. Then per head, for all sequences: out = W_v ctx.
-    std::vector<float> q_lat(B * H * r), ctx(B * H * r);
+    bf16k::AlignedVector<float> q_lat(B * H * r), ctx(B * H * r);
     // per head hh, for all B sequences: y[b, hh] = lins[hh] x[b, hh], where x[b, hh] starts at
     // x + (b * H + hh) * x_stride (lins[hh].K floats) and y is [B, H, lins[hh].N]
     auto per_head = [&](const std::vector<Lin>& lins, const float* x, int64_t x_stride, float* y) {
@@ -443,7 +443,7 @@ class Plan {
     // every head cost more than the dot products); else one head
     const int64_t per_task = B >= 2 * at::get_num_threads() ? H : 1, groups = H / per_task;
     at::parallel_for(0, B * groups, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<float> scores, lat, rk;
+      bf16k::AlignedVector<float> scores, lat, rk;
       // heads [h0, h0 + per_task) of sequence b over its n cached latents [n, r] and rope keys [n, dr]
       auto attend = [&](int64_t b, int64_t h0, int64_t n, const auto* lat_rows, const auto* rope_rows) {
         scores.resize(n);
@@ -697,6 +697,8 @@ _INCLUDES = """
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <alloca.h>
+#include <cstdlib>
+#include <new>
 #include <atomic>
 #include <algorithm>
 #include <cmath>

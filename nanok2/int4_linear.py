@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanok2.cpu_kernels import ALIGNED_VECTOR_SOURCE, build_kernel
 from nanok2.quant import dequantize, pack_int4, quantize_groupwise, unpack_int4
 
 MAX_GEMV_ROWS = 16     # more rows (prefill): torch's int4 kernel
@@ -42,6 +43,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+""" + ALIGNED_VECTOR_SOURCE + r"""
 
 // ============================================================================================== core
 // Static free functions, before any torch::Tensor function: another extension concatenates this source and
@@ -72,12 +74,12 @@ _SOURCE = r"""
 // Activations of M rows quantized for int4_gemv_rows (K a multiple of 32). Per row: B = K / 32 blocks, in
 // B / 8 octets, then (B % 8) / 2 chunks, then B % 2 lone blocks: NV = B / 8 + (B % 8) / 2 + B % 2 vectors.
 struct QuantRows {
-  std::vector<int8_t> q;     // [M, K]   round(x / s_b), |q| <= 127, reordered per chunk as described above
-  std::vector<float> s;      // [M, B]   block scales s_b = max|x_block| / 127
+  AlignedVector<int8_t> q;   // [M, K]   round(x / s_b), |q| <= 127, reordered per chunk as described above
+  AlignedVector<float> s;    // [M, B]   block scales s_b = max|x_block| / 127
   // per row, NV vectors of 8 lanes matching the int32 lanes of the loop: an octet's block order
   // [b0 b2 b4 b6 b1 b3 b5 b7], a chunk's [b b b b b' b' b' b'], a lone block's [b x 8]
-  std::vector<float> sv;     // [M, NV, 8] the lane's block scale
-  std::vector<int32_t> c;    // [M, NV, 8] the offset correction 8 * S_b, once per block (other lanes 0)
+  AlignedVector<float> sv;   // [M, NV, 8] the lane's block scale
+  AlignedVector<int32_t> c;  // [M, NV, 8] the offset correction 8 * S_b, once per block (other lanes 0)
   int64_t M = 0, K = 0, NV = 0;
 };
 
@@ -443,8 +445,6 @@ torch::Tensor int4_moe(torch::Tensor x, torch::Tensor idx, torch::Tensor w, std:
 @functools.cache
 def gemv_kernel():
     """nanok2's AVX2 int4 kernel (built once with torch's extension loader, cached), or None."""
-    from nanok2.cpu_kernels import build_kernel
-
     return build_kernel("nanok2_int4_gemv", _SOURCE, ["int4_linear", "int4_expert", "int4_moe"], "int4",
                         "torch's int4 kernel", openmp=True)   # OpenMP: without it at::parallel_for runs serially
 
