@@ -426,7 +426,7 @@ class Plan {
     auto per_head = [&](const std::vector<Lin>& lins, const float* x, int64_t x_stride, float* y) {
       at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
         Prepared p;
-        std::vector<float> rows;
+        bf16k::AlignedVector<float> rows;   // fp32 weights read it as it is
         for (int64_t hh = h0; hh < h1; ++hh) {
           const Lin& W = lins[hh];
           rows.resize(B * W.K);
@@ -562,7 +562,7 @@ class Plan {
   // batch 16 the gather alone took 0.6 ms a step. The GIL serializes calls into a plan.
   struct Scratch {
     std::vector<Prepared> in, mid;                          // each task's activations, for the kernels
-    std::vector<std::vector<float>> gathered, act, up, out; // its tokens' rows, silu(gate) * up, up, down
+    std::vector<bf16k::AlignedVector<float>> gathered, act, up, out; // its tokens' rows, silu(gate) * up, up, down
   } scratch;
 
   // the work of one weight row of L for M tokens (it sizes the runs threads claim): its bytes plus M

@@ -106,6 +106,12 @@ def median_by_speed(rounds: list[dict]) -> dict:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def speed_range(rounds: list[dict]) -> str:
+    """'slowest-fastest' decode tok/s over the rounds, for the table."""
+    speeds = [r["decode_tok_s"] for r in rounds]
+    return f"{min(speeds):.1f}-{max(speeds):.1f}"
+
+
 def transformers_decoder(path: str, dtype: torch.dtype, prompt_len: int, new_tokens: int):
     """transformers' model for the same checkpoint; -> a function measuring its `generate` (greedy, batch 1)."""
     from transformers import AutoModelForCausalLM
@@ -170,8 +176,8 @@ def run(args) -> int:
     results = {b: median_by_speed(rs) for b, rs in rounds.items()}
     hf = median_by_speed(hf_rounds) if hf_rounds else None
     for b in args.batches:
-        r, speeds = results[b], [x["decode_tok_s"] for x in rounds[b]]
-        rows.append([f"nanok2 b={b}", f"{r['decode_tok_s']:.1f}", f"{min(speeds):.1f}-{max(speeds):.1f}",
+        r = results[b]
+        rows.append([f"nanok2 b={b}", f"{r['decode_tok_s']:.1f}", speed_range(rounds[b]),
                      f"{r['step_ms']:.1f}", f"{r['gb_s']:.2f}", f"{r['experts_per_layer']:.1f}",
                      f"{r['prefill_tok_s']:.0f}"])
     latent_bytes = a.num_hidden_layers * a.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
@@ -194,8 +200,7 @@ def run(args) -> int:
             if b != 1:
                 result[f"batch{b}_vs_batch1"] = round(results[b]["decode_tok_s"] / results[1]["decode_tok_s"], 2)
     if hf is not None:
-        speeds = [x["decode_tok_s"] for x in hf_rounds]
-        rows.append(["transformers b=1", f"{hf['decode_tok_s']:.1f}", f"{min(speeds):.1f}-{max(speeds):.1f}",
+        rows.append(["transformers b=1", f"{hf['decode_tok_s']:.1f}", speed_range(hf_rounds),
                      f"{1e3 / hf['decode_tok_s']:.1f}", "", "", f"{hf['prefill_tok_s']:.0f}"])
         result.update(transformers_decode_tok_s=round(hf["decode_tok_s"], 2),
                       transformers_prefill_tok_s=round(hf["prefill_tok_s"], 1),
