@@ -110,10 +110,16 @@ static inline void dot_rows(const float* x, int64_t K, const uint16_t* w, float*
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m256 e0, o0, e1, o1;
-    // one cache line per iteration, fetched 1 kB ahead (into the next row near a row's end: rows are
-    // contiguous). Measured on the bench preset: 8-10% on a batch-1 step, from DRAM 25 -> 31 GB/s at one
+    // one cache line per iteration, fetched 1 kB ahead into L1 (into the next row near a row's end: rows
+    // are contiguous). Measured on the bench preset: 8-10% on a batch-1 step, from DRAM 25 -> 31 GB/s at one
     // input row and 21 -> 29 GB/s at two; the hardware prefetcher alone leaves the memory bus idle at times.
+    // And 6 kB ahead into L2: 1 kB is 16 lines in flight, ~12 GB/s per thread at DRAM's ~85 ns, enough
+    // while one input row leaves the loop waiting on memory, not once 2-4 rows give it arithmetic to do.
+    // Two threads, DRAM, best of 10 interleaved, two runs: 2 rows 25-30 -> 32 GB/s, 4 rows 23-25 -> 31-34
+    // (1 and 3 rows unchanged); the bench preset's batch-16 step 10-15% shorter (57-63 -> 48-56 ms, steps
+    // of both builds interleaved), its batch-1 step within the noise.
     _mm_prefetch(reinterpret_cast<const char*>(w + k) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 6144, _MM_HINT_T1);
     widen16(w + k, e0, o0);
     widen16(w + k + 16, e1, o1);
     for (int r = 0; r < R; ++r) {
