@@ -46,6 +46,9 @@ class AgentTinyConfig:
     # SFT packing, documents alone in pre-training. On 300-note trails in ten unseen worlds it follows all
     # 300 notes in 10 of 10; with conversations in pre-training too (the model before it), 5 of 10.
     split_digits: bool = True        # every digit its own token (no digit-digit merges; K2's pattern kept)
+    # a capitalised word never merges with the space or quote before it, so a name from a question or a page
+    # encodes the same inside a JSON argument (tokenizer.train_hf_bpe)
+    split_before_capitals: bool = False
     # gold conversations of other tasks of the training worlds (not SFT's), rendered in the chat format,
     # in the pre-training text: TaskMix's counts per world times this factor (0: documents only). 1.0
     # held the long trails back (the model card's "What was separated").
@@ -192,7 +195,8 @@ def stage_tokenizer(cfg: AgentTinyConfig, out: Path) -> dict:
     from nanok2.tokenizer import train as train_tokenizer
 
     folder = _fresh(out / "tokenizer")
-    tok = train_tokenizer([str(out / "text" / "tokenizer.txt")], cfg.vocab_size, cfg.split_digits)
+    tok = train_tokenizer([str(out / "text" / "tokenizer.txt")], cfg.vocab_size, cfg.split_digits,
+                           cfg.split_before_capitals)
     tok.save(folder, chat_template=own_chat_template())
     info = {"n_vocab": tok.n_vocab}
     _mark_done(folder, info)

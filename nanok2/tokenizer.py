@@ -242,7 +242,8 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def train_hf_bpe(files: list[str], vocab_size: int, split_digits: bool = False):
+def train_hf_bpe(files: list[str], vocab_size: int, split_digits: bool = False,
+                 split_before_capitals: bool = False):
     """Learn a byte-level BPE with HF `tokenizers` over K2's pre-tokenisation; returns the HF tokenizer.
 
     At most `vocab_size` base tokens (the 256 bytes included); fewer when the text has fewer pairs.
@@ -250,6 +251,10 @@ def train_hf_bpe(files: list[str], vocab_size: int, split_digits: bool = False):
     pre-tokenisation stays K2's (a checkpoint still loads in any engine that applies K2's pattern): a
     small model then copies a number digit by digit from a ten-token alphabet instead of having to copy
     rare three-digit tokens such as "000". K2's own vocabulary does merge digits (groups of up to 3).
+    `split_before_capitals` learns no merge between a capitalised word and the one character K2's pattern
+    lets lead it (a space, a quote, a bracket), so a name encodes the same after a space (a question, a
+    page) as after a quote (a JSON argument): ` Trok|nis|shis` and `"|T|rok|nis|shis` become
+    ` |Trok|nis|shis` and `"|Trok|nis|shis`, and a small model copies a name token for token.
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # only training needs it
     from tokenizers import Tokenizer as HFTokenizer
@@ -264,9 +269,14 @@ def train_hf_bpe(files: list[str], vocab_size: int, split_digits: bool = False):
     # Digits only ever form pre-tokens of their own under K2's pattern, so isolating each one during
     # training removes every digit-digit merge and nothing else.
     digit_split = [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated")] if split_digits else []
+    # Under K2's pattern a word pre-token holds at most one non-letter, its first character; isolating
+    # it when an upper-case letter follows removes exactly the merges across that boundary.
+    capital_split = ([pre_tokenizers.Split(Regex(r"[^\p{L}\p{N}](?=\p{Lu})"), behavior="isolated")]
+                     if split_before_capitals else [])
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(K2_PATTERN), behavior="isolated"),
         *digit_split,
+        *capital_split,
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
@@ -286,9 +296,10 @@ def ranks_from_hf(hf) -> dict[bytes, int]:
     return {bytes(to_byte[ch] for ch in token): i for token, i in hf.get_vocab().items()}
 
 
-def train(files: list[str], vocab_size: int, split_digits: bool = False) -> Tokenizer:
+def train(files: list[str], vocab_size: int, split_digits: bool = False,
+          split_before_capitals: bool = False) -> Tokenizer:
     """Learn a K2-shaped tokenizer (byte-level BPE, K2's pattern and special tokens) from text files."""
-    return Tokenizer(ranks_from_hf(train_hf_bpe(files, vocab_size, split_digits)))
+    return Tokenizer(ranks_from_hf(train_hf_bpe(files, vocab_size, split_digits, split_before_capitals)))
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -299,7 +310,7 @@ def _train_command(args) -> int:
     from nanok2.chat import own_chat_template
 
     started = time.perf_counter()
-    tok = train(args.input, args.vocab_size, args.split_digits)
+    tok = train(args.input, args.vocab_size, args.split_digits, args.split_before_capitals)
     tok.save(args.out, chat_template=own_chat_template())
     size_mb = sum(Path(f).stat().st_size for f in args.input) / 1e6
     print(f"trained {tok.base_size} base tokens (+{NUM_SPECIAL_SLOTS} special = {tok.n_vocab}) on {size_mb:.1f} MB "
@@ -320,4 +331,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the tokenizer into")
     p.add_argument("--split-digits", action="store_true",
                    help="learn no digit-digit merges, so every digit is one token (K2's pattern is kept)")
+    p.add_argument("--split-before-capitals", action="store_true",
+                   help="learn no merge of a capitalised word with the space or quote before it, so a name "
+                        "encodes alike in prose and in JSON (K2's pattern is kept)")
     p.set_defaults(func=_train_command)

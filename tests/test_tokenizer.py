@@ -203,6 +203,28 @@ def test_split_digits_learns_no_digit_merges_and_keeps_k2_pretokenisation(tmp_pa
     assert len(merged.encode("d0006 1847")) < len(tok.encode("d0006 1847"))
 
 
+def test_split_before_capitals_encodes_a_name_alike_after_a_space_and_a_quote(tmp_path):
+    """With split_before_capitals no token joins a capitalised word to the character before it, so a name
+    quoted in JSON encodes as the same tokens as in prose, under K2's unchanged pattern; without it the
+    space merges into the name and the quoted name splits differently."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(_corpus(2, 40_000) + " the Troknisshis Bridge of Sisshedrul Dam" * 300, encoding="utf-8")
+    tok = train(str(path).split(), 900, split_before_capitals=True)
+    for token in tok._enc.token_byte_values():
+        text = token.decode("utf-8", "replace")
+        assert not any(a in ' "([' and b.isupper() for a, b in zip(text, text[1:])), token
+    pieces = lambda t, s: [t.decode([i]) for i in t.encode(s)]
+    in_prose = pieces(tok, "built the Troknisshis Bridge")
+    in_json = pieces(tok, '{"query": "Troknisshis Bridge"}')
+    name = in_prose[in_prose.index(" ") + 1:]
+    assert "".join(name) == "Troknisshis Bridge" and " the" in in_prose
+    start = in_json.index(name[0])
+    assert in_json[start - 1] == '"' and in_json[start:start + len(name)] == name
+    assert tok.decode(tok.encode('{"query": "Troknisshis Bridge"}')) == '{"query": "Troknisshis Bridge"}'
+    merged = train(str(path).split(), 900)
+    assert " Trok" in "".join(pieces(merged, "the Troknisshis")) and pieces(merged, " Troknisshis")[0] != " "
+
+
 def test_vocab_size_below_bytes_is_refused(tmp_path):
     (tmp_path / "t.txt").write_text("abc")
     with pytest.raises(NanoK2Error, match="below 256"):
