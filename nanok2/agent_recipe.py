@@ -47,7 +47,8 @@ class AgentTinyConfig:
     # 300 notes in 10 of 10; with conversations in pre-training too (the model before it), 5 of 10.
     split_digits: bool = True        # every digit its own token (no digit-digit merges; K2's pattern kept)
     # a capitalised word never merges with the space or quote before it, so a name from a question or a page
-    # encodes the same inside a JSON argument (tokenizer.train_hf_bpe)
+    # encodes the same inside a JSON argument (tokenizer.train_hf_bpe). One run with it copied worse in
+    # pre-training and broke the long trails (README, "Agent model"): off.
     split_before_capitals: bool = False
     # gold conversations of other tasks of the training worlds (not SFT's), rendered in the chat format,
     # in the pre-training text: TaskMix's counts per world times this factor (0: documents only). 1.0
