@@ -254,7 +254,8 @@ def train_hf_bpe(files: list[str], vocab_size: int, split_digits: bool = False,
     `split_before_capitals` learns no merge between a capitalised word and the one character K2's pattern
     lets lead it (a space, a quote, a bracket), so a name encodes the same after a space (a question, a
     page) as after a quote (a JSON argument): ` Trok|nis|shis` and `"|T|rok|nis|shis` become
-    ` |Trok|nis|shis` and `"|Trok|nis|shis`, and a small model copies a name token for token.
+    ` |Trok|nis|shis` and `"|Trok|nis|shis` (text grows ~16% in tokens). In agent-tiny's recipe it made
+    copying worse, not better (README, "Agent model").
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # only training needs it
     from tokenizers import Tokenizer as HFTokenizer

@@ -222,7 +222,7 @@ def test_split_before_capitals_encodes_a_name_alike_after_a_space_and_a_quote(tm
     assert in_json[start - 1] == '"' and in_json[start:start + len(name)] == name
     assert tok.decode(tok.encode('{"query": "Troknisshis Bridge"}')) == '{"query": "Troknisshis Bridge"}'
     merged = train(str(path).split(), 900)
-    assert " Trok" in "".join(pieces(merged, "the Troknisshis")) and pieces(merged, " Troknisshis")[0] != " "
+    assert pieces(merged, " Troknisshis")[0].startswith(" T") and pieces(merged, '"Troknisshis')[0] == '"'
 
 
 def test_vocab_size_below_bytes_is_refused(tmp_path):
