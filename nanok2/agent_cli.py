@@ -44,6 +44,9 @@ def _loop_args(p) -> None:
     g.add_argument("--max-steps", type=int, default=300, help="tool-calling turns before the answer is forced")
     g.add_argument("--keep-last", type=int, default=4, help="steps kept when hiding tool outputs is not enough")
     g.add_argument("--tool-timeout", type=float, default=60.0, help="seconds for the calls of one turn")
+    g.add_argument("--exact-search", action="store_true",
+                   help="search matches words exactly (default: a misspelt word matches the indexed words within "
+                        "1-2 edits, as Elasticsearch's fuzziness AUTO)")
 
 
 def register(subparsers) -> None:
@@ -177,7 +180,7 @@ def run_agent(args) -> int:
     from nanok2.world import SYSTEM_PROMPT, Toolbox, make_tasks
 
     corpus, world = _documents(args)
-    toolbox = Toolbox(corpus)
+    toolbox = Toolbox(corpus, fuzzy_search=not args.exact_search)
     task, question, gold_calls = None, args.question, 0
     if args.task:
         if world is None:
@@ -232,7 +235,7 @@ def run_eval_world(args) -> int:
     start, rows, hops = time.perf_counter(), [], None
     for seed in seeds:
         world = build_world(seed, args.size)
-        toolbox = Toolbox(world.corpus)
+        toolbox = Toolbox(world.corpus, fuzzy_search=not args.exact_search)
         tasks = make_tasks(world, toolbox, args.family, args.hops, args.n)
         hops = tasks[0].hops
         agent = Agent(backend, toolbox, make_config(args), view=TerminalView() if args.live else None)
@@ -241,7 +244,8 @@ def run_eval_world(args) -> int:
         rows += [{**row, "seed": seed} for row in done]
     where = f"world {args.seed}" if len(seeds) == 1 else f"worlds {seeds[0]}-{seeds[-1]}"
     summary = {"suite": "world", "seed": args.seed, "worlds": len(seeds), "family": args.family, "hops": hops,
-               "backend": getattr(backend, "name", ""), **summarize(rows, time.perf_counter() - start)}
+               "backend": getattr(backend, "name", ""),
+               "search": "exact" if args.exact_search else "fuzzy", **summarize(rows, time.perf_counter() - start)}
     if not args.json:
         rate = summary["valid_tool_call_rate"]
         print(f"accuracy {summary['accuracy']:.1%} ± {summary['ci95']:.1%} over {summary['n']} {args.family} tasks "

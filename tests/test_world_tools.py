@@ -100,3 +100,41 @@ def test_user_folder(tmp_path):
     assert again.call("search", {"query": "tea"}) == tools.call("search", {"query": "tea"})
     with pytest.raises(NanoK2Error, match="no .txt or .md"):
         Corpus.from_folder(tmp_path / "out" / "index")
+
+
+def misspelt(word: str, vocab: dict) -> str:
+    """`word` with its first letter changed, to a spelling the index does not know."""
+    for letter in "zqxjvw":
+        wrong = letter.upper() + word[1:]
+        if wrong.lower() not in vocab:
+            return wrong
+    raise AssertionError(f"no unknown misspelling of {word}")
+
+
+def test_search_forgives_a_misspelt_name(world):
+    vocab = world.corpus.index.model.vocab_dict
+    people = world.graph.of_kind("person")[:40]
+    exact, fuzzy = Toolbox(world.corpus, fuzzy_search=False), Toolbox(world.corpus)
+    for e in people:
+        first, last = e.name.split(" ", 1)
+        query = f"{first} {misspelt(last, vocab)}"
+        docid = world.rendered.entity_docid[e.key]
+        assert fuzzy.call("search", {"query": query}).startswith(f"{docid} | {e.name} | "), query
+        assert exact.call("search", {"query": misspelt(last, vocab)}).startswith("No results")
+        # a single misspelt word (two edits here) finds it too, and its snippet is a sentence naming it
+        lone = misspelt(misspelt(last, vocab)[::-1], vocab)[::-1]
+        if len(last) > 5:
+            hits = search(world.corpus, lone, 5)
+            assert docid in [h["docid"] for h in hits], lone
+            assert all(last in h["snippet"] for h in hits if h["docid"] == docid)
+
+
+def test_fuzzy_matching_leaves_known_words_alone(world):
+    index = world.corpus.index
+    for e in list(world.graph.entities.values())[:40]:
+        assert all(weight == 1.0 for _, weight in index.query_words(e.name))
+        assert index.search(e.name, 5) == index.search(e.name, 5, fuzzy=False)
+    # an unknown word weighs less than a known one, and one with nothing within its edits is dropped
+    words = index.query_words("zzzqqq " + misspelt(world.graph.of_kind("place")[0].name, index.model.vocab_dict))
+    assert words and all(0 < weight < 1 for _, weight in words)
+    assert index.query_words("qx") == []

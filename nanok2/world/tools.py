@@ -43,19 +43,21 @@ SCHEMAS = [
 ]
 
 
-def snippet(text: str, query: str) -> str:
-    """The sentence of `text` sharing most words with the query (the first on ties), shortened."""
-    words = set(tokenize(query))
+def snippet(text: str, words: set[str]) -> str:
+    """The sentence of `text` sharing most of `words` (the query's, as the index matched them; the first
+    sentence on ties), shortened."""
     sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()] or [""]
     best = max(sentences, key=lambda s: len(words & set(tokenize(s))))  # max keeps the first of equals
     return best if len(best) <= SNIPPET_CHARS else best[:SNIPPET_CHARS - 3].rstrip() + "..."
 
 
-def search(corpus: Corpus, query: str, k: int = 5) -> list[dict]:
-    """Up to k hits, best first: [{docid, title, snippet}]."""
-    hits = corpus.index.search(query, k)
+def search(corpus: Corpus, query: str, k: int = 5, fuzzy: bool = True) -> list[dict]:
+    """Up to k hits, best first: [{docid, title, snippet}]. `fuzzy`: a misspelt word matches the indexed
+    words near it (index.BM25Index.query_words)."""
+    hits = corpus.index.search(query, k, fuzzy)
+    words = {w for w, _ in corpus.index.query_words(query, fuzzy)}
     return [{"docid": corpus.docs[i].docid, "title": corpus.docs[i].title,
-             "snippet": snippet(corpus.docs[i].text, query)} for i, _ in hits]
+             "snippet": snippet(corpus.docs[i].text, words)} for i, _ in hits]
 
 
 def format_search(query: str, hits: list[dict]) -> str:
@@ -97,8 +99,10 @@ def _check(args: dict, spec: dict[str, type], required: tuple[str, ...]) -> str 
 class Toolbox:
     """search / open / python over one corpus; `call` is safe to use from several threads at once."""
 
-    def __init__(self, corpus: Corpus, python_timeout_s: float = TIMEOUT_S, python_memory_mb: int = MEMORY_MB):
+    def __init__(self, corpus: Corpus, python_timeout_s: float = TIMEOUT_S, python_memory_mb: int = MEMORY_MB,
+                 fuzzy_search: bool = True):
         self.corpus = corpus
+        self.fuzzy_search = fuzzy_search
         self.python_timeout_s = python_timeout_s
         self.python_memory_mb = python_memory_mb
 
@@ -122,7 +126,8 @@ class Toolbox:
                 k = arguments.get("k", 5)
                 if not 1 <= k <= MAX_K:
                     return f"Error: search: k must be between 1 and {MAX_K}."
-                return format_search(arguments["query"], search(self.corpus, arguments["query"], k))
+                return format_search(arguments["query"], search(self.corpus, arguments["query"], k,
+                                                                self.fuzzy_search))
             if name == "open":
                 problem = _check(arguments, {"docid": str, "page": int}, ("docid",))
                 if problem:
