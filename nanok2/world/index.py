@@ -79,7 +79,10 @@ class BM25Index:
     def search(self, query: str, k: int, fuzzy: bool = True) -> list[tuple[int, float]]:
         """Up to k (position, score) pairs, best first, only documents that share a word with the query
         (after fuzzy matching, `query_words`)."""
-        words = self.query_words(query, fuzzy)
+        return self.rank(self.query_words(query, fuzzy), k)
+
+    def rank(self, words: list[tuple[str, float]], k: int) -> list[tuple[int, float]]:
+        """`search` for words `query_words` already matched (a caller that also needs them looks up once)."""
         if not words or self.n_docs == 0:
             return []
         k = min(k, self.n_docs)

@@ -54,8 +54,9 @@ def snippet(text: str, words: set[str]) -> str:
 def search(corpus: Corpus, query: str, k: int = 5, fuzzy: bool = True) -> list[dict]:
     """Up to k hits, best first: [{docid, title, snippet}]. `fuzzy`: a misspelt word matches the indexed
     words near it (index.BM25Index.query_words)."""
-    hits = corpus.index.search(query, k, fuzzy)
-    words = {w for w, _ in corpus.index.query_words(query, fuzzy)}
+    matched = corpus.index.query_words(query, fuzzy)
+    hits = corpus.index.rank(matched, k)
+    words = {w for w, _ in matched}
     return [{"docid": corpus.docs[i].docid, "title": corpus.docs[i].title,
              "snippet": snippet(corpus.docs[i].text, words)} for i, _ in hits]
 
