@@ -4,7 +4,7 @@ import torch
 
 from nanok2.config import ModelArgs
 from nanok2.errors import NanoK2Error
-from nanok2.model import MLA, build_model
+from nanok2.model import MLA, build_model, max_attention_logit
 from nanok2.moe import MoE
 from nanok2.optim import (NS_BAND, MuonClip, apply_qk_clip, as_matrices, is_muon_param, lr_at, muon_update,
                           newton_schulz5, orthogonalized, qk_clip_scales, sequence_balance_loss, update_expert_bias)
@@ -180,3 +180,22 @@ def test_muonclip_step_lowers_loss_and_records_max_logit():
     assert 0 < opt.last_max_logit < 100
     state = opt.state_dict()
     assert any("momentum" in s for s in state["state"].values()) and any("exp_avg" in s for s in state["state"].values())
+
+
+@pytest.mark.parametrize("tq, tk, chunk", [(37, 37, 8), (37, 37, 512), (5, 40, 2), (1, 9, 4)])
+def test_max_attention_logit_matches_the_whole_masked_score_matrix(tq, tk, chunk):
+    """QK-Clip's S_max read in query blocks against only the keys each block sees (training's path) is the
+    max of the whole masked [B, H, Tq, Tk] score matrix, for causal self-attention, for the last Tq queries
+    of Tk positions (a prefill after a cache), and for an explicit mask. Scores are positive and grow with
+    the key's position, so a key let through the mask by mistake would raise the max."""
+    torch.manual_seed(0)
+    q = torch.rand(2, 3, tq, 16)
+    k = torch.rand(2, 3, tk, 16) * torch.arange(1, tk + 1.0)[:, None]
+    causal = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)[None, None]
+    scores = (q @ k.mT) * 0.25
+    whole = scores.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
+    torch.testing.assert_close(max_attention_logit(q, k, 0.25, chunk=chunk), whole)
+    assert (whole < scores.amax(dim=(0, 2, 3))).any() or tq == 1      # the mask did hide the largest scores
+    window = causal & (torch.arange(tk) < tk - 1)[None, None, None] if tq == 1 else causal.tril(tk - tq - 1)
+    torch.testing.assert_close(max_attention_logit(q, k, 0.25, window),
+                               scores.masked_fill(~window, float("-inf")).amax(dim=(0, 2, 3)))
