@@ -98,6 +98,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 LATENT_NORM_EPS = 1e-6
 
 
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention with the scores materialised: the slow reference of the kernels below.
+
+    q [B, H, Tq, d], k [B, H, Tk, d], v [B, H, Tk, dv]; mask [B or 1, 1, Tq, Tk] boolean (True = attend) or
+    None for causal with the queries the last Tq of the Tk positions. Returns [B, H, Tq, dv] in v's dtype.
+    """
+    Tq, Tk = q.shape[2], k.shape[2]
+    scores = (q.float() @ k.float().mT) * scale                                        # [B, H, Tq, Tk]
+    if mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)[None, None]
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+
+
+def sdpa_attention(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference_attention` by PyTorch's SDPA; mask=None only for Tq == Tk (causal) or one query (every key).
+    With v narrower than q/k (MLA's dv < dn+dr) SDPA cannot use its fused CPU kernel and runs its math path."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def padded_sdpa_attention(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`sdpa_attention` with v zero-padded to the q/k head dim, so SDPA takes its fused (flash) kernel: ~3.5x
+    faster in forward plus backward at 2,048 tokens on CPU (`nanok2 bench train-step`). The padded output
+    columns are zeros and are dropped."""
+    dv = v.shape[-1]
+    return sdpa_attention(q, k, F.pad(v, (0, q.shape[-1] - dv)), scale, mask)[..., :dv]
+
+
 @torch.no_grad()
 def max_attention_logit(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
                         chunk: int = 512) -> torch.Tensor:
@@ -146,6 +176,8 @@ class MLA(nn.Module):
         # QK-Clip reads each head's largest pre-softmax logit from the last forward when this is on
         self.track_max_logit = False
         self.max_logit: torch.Tensor | None = None   # [H], fp32, detached
+        # softmax attention on expanded heads; `nanok2 bench train-step` swaps in the others to compare
+        self.attention_kernel = padded_sdpa_attention
 
     def queries(self, x, cos, sin):
         """x [B, T, D] -> q_nope [B, T, H, dn], q_rope [B, T, H, dr] (rotated)."""
@@ -177,18 +209,10 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, Tk, H, self.dr)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)                                                           # [B, H, Tk, dv]
         if self.track_max_logit:
-            # QK-Clip's statistic, read apart from the differentiable path so training keeps SDPA's
-            # fused kernel (the materialised [B, H, T, T] scores cost ~1.5x in forward plus backward)
+            # QK-Clip's statistic, read apart from the differentiable path so training keeps a fused kernel
             self.max_logit = max_attention_logit(q, k, self.softmax_scale, mask)
-        # v zero-padded to the q/k head dim (dn+dr): PyTorch's fused (flash) kernels want one head dim, and
-        # without them SDPA falls back to its math path (~3.5x slower at 2,048 tokens on CPU); the padded
-        # output columns are zeros and are dropped
-        v = F.pad(v, (0, q.shape[-1] - self.dv))
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=self.softmax_scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return out[..., :self.dv].transpose(1, 2).reshape(B, Tq, H * self.dv)
+        out = self.attention_kernel(q, k, v, self.softmax_scale, mask)                  # [B, H, Tq, dv]
+        return out.transpose(1, 2).reshape(B, Tq, H * self.dv)
 
     def forward(self, x, cos, sin, mask=None):
         q_nope, q_rope = self.queries(x, cos, sin)

@@ -4,6 +4,7 @@ import torch
 
 from hf_peer import hf_model
 from nanok2 import ModelArgs, build_model, load_model, save_model
+from nanok2.model import padded_sdpa_attention, reference_attention, sdpa_attention
 from nanok2.moe import grouped_experts, looped_experts
 
 YARN = dict(type="yarn", factor=8.0, beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
@@ -118,3 +119,30 @@ def test_bench_preset_keeps_k2_proportions():
     assert k2.int4_all_linear_decode_bound == pytest.approx(3.21, abs=0.02)
     for bound in ("int4_experts_decode_bound", "int4_all_linear_decode_bound"):
         assert getattr(s, bound) == pytest.approx(getattr(k2, bound), rel=0.03)
+
+
+@pytest.mark.parametrize("tq, tk, with_mask", [(33, 33, False), (1, 9, False), (17, 17, True), (4, 21, True)])
+def test_attention_kernels_match_the_materialised_reference(tq, tk, with_mask):
+    """Training's kernel (SDPA with v zero-padded to the q/k head dim) and plain SDPA give the reference's
+    output and gradients: causal self-attention and one query against its cache without a mask (the contract
+    of mask=None), and with a mask, also for the last Tq queries of Tk positions."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, tq, 48, generator=g), torch.randn(2, 3, tk, 48, generator=g)
+    v = torch.randn(2, 3, tk, 32, generator=g)
+    mask = None
+    if with_mask:        # causal plus left padding of 5 in the second row
+        mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)[None, None].repeat(2, 1, 1, 1)
+        mask[1, :, :, :5] = False
+        mask[1, :, :5, 0] = True        # a query with every key hidden would be NaN in any kernel
+    outs, grads = {}, {}
+    for name, kernel in (("reference", reference_attention), ("sdpa", sdpa_attention),
+                         ("padded", padded_sdpa_attention)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = kernel(*leaves, 48 ** -0.5, mask)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        outs[name], grads[name] = out.detach(), [t.grad for t in leaves]
+    assert outs["padded"].shape == (2, 3, tq, 32)
+    for name in ("sdpa", "padded"):
+        torch.testing.assert_close(outs[name], outs["reference"], atol=1e-5, rtol=1e-4)
+        for a, b in zip(grads[name], grads["reference"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ BENCH_MODULES = [
     "nanok2.bench.quant",         # bench quant
     "nanok2.bench.qat",           # bench qat
     "nanok2.bench.copy",          # bench copy
+    "nanok2.bench.train_step",    # bench train-step
 ]
 
 
