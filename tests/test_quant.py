@@ -88,8 +88,29 @@ def test_int4_linear_kernels_match_reference(mode, rows):
     assert (fast - exact).abs().max() <= 1e-2 * exact.abs().max()
 
 
+def _run_recording_routes(model, x) -> torch.Tensor:
+    """model(x) as fp32; the experts each MoE layer chose, [B*T, k] per layer, land in `model._routes`
+    (the hooks of `_record_routes`)."""
+    model._routes = []
+    return model(x).float()
+
+
+def _record_routes(model) -> None:
+    from nanok2.moe import MoE
+
+    def hook(module, inputs, out):                 # the gate returns (weights, expert ids [N, k], scores)
+        model._routes.append(out[1].sort(-1).values.clone())
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.gate.register_forward_hook(hook)
+
+
 @pytest.mark.parametrize("targets", ["experts", "linear"])
 def test_quantized_model_kernel_vs_reference_and_float(targets):
+    """The INT4 kernels agree with the reference on every token that they route alike. Top-k routing is
+    discontinuous: where two experts' scores nearly tie, any rounding difference (here the int8 activations
+    of the gemv kernel) can flip the choice, and that token then moves by the gap between two experts'
+    outputs. Such flips must stay rare (at most 1 token in 12); the tokens routed alike meet the tight bound."""
     torch.set_grad_enabled(False)
     try:
         model = tiny()
@@ -98,15 +119,20 @@ def test_quantized_model_kernel_vs_reference_and_float(targets):
         qm = quantize_model(copy.deepcopy(model).to(torch.bfloat16), targets)
         n_int4 = sum(isinstance(m, Int4Linear) for m in qm.modules())
         assert n_int4 == (2 * 8 * 3 if targets == "experts" else 2 * 8 * 3 + 3 * 5 + 3 * 2 + 3)
-        fast = qm(x).float()                                         # gemv for the experts, torch's kernel for 24 rows
-        set_int4_kernel(qm, "torch")
-        torch_kernel = qm(x).float()
-        set_int4_kernel(qm, "reference")
-        slow = qm(x).float()
+        _record_routes(qm)
+        outs, routes = {}, {}
+        for kernel in ("default", "torch", "reference"):  # default: gemv for the experts, torch's kernel for 24 rows
+            if kernel != "default":
+                set_int4_kernel(qm, kernel)
+            outs[kernel] = _run_recording_routes(qm, x).flatten(0, 1)              # [B*T, V]
+            routes[kernel] = torch.stack(qm._routes)                               # [layers, B*T, k]
+        alike = (routes["default"] == routes["reference"]).all(-1).all(0) & \
+            (routes["torch"] == routes["reference"]).all(-1).all(0)                # [B*T]
+        assert int((~alike).sum()) <= alike.numel() // 12
         scale = ref.abs().max().item()
-        assert (fast - slow).abs().max().item() < 0.02 * scale
-        assert (torch_kernel - slow).abs().max().item() < 0.02 * scale
-        assert (fast - ref).abs().max().item() < 0.25 * scale       # INT4 + bf16 stays near the float model
+        for kernel in ("default", "torch"):
+            assert (outs[kernel][alike] - outs["reference"][alike]).abs().max().item() < 0.02 * scale
+        assert (outs["default"] - ref.flatten(0, 1)).abs().max().item() < 0.25 * scale   # INT4 + bf16 stays near
         assert isinstance(qm.model.layers[1].mlp.experts, Int4Experts)
     finally:
         torch.set_grad_enabled(True)
