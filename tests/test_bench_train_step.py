@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 
-def test_bench_train_step_prints_table_then_json_and_leaves_nothing_swapped():
+def test_bench_train_step_prints_table_then_json():
     r = subprocess.run([sys.executable, "-m", "nanok2.cli", "bench", "train-step", "--shapes", "1x32", "2x16",
                         "--repeat", "1", "--threads", "1", "--vocab", "512"], capture_output=True, text=True, check=True)
     lines = r.stdout.strip().splitlines()

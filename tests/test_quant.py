@@ -88,21 +88,18 @@ def test_int4_linear_kernels_match_reference(mode, rows):
     assert (fast - exact).abs().max() <= 1e-2 * exact.abs().max()
 
 
-def _run_recording_routes(model, x) -> torch.Tensor:
-    """model(x) as fp32; the experts each MoE layer chose, [B*T, k] per layer, land in `model._routes`
-    (the hooks of `_record_routes`)."""
-    model._routes = []
-    return model(x).float()
-
-
-def _record_routes(model) -> None:
+def _logits_and_routes(model, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """model(x) -> (logits [B*T, V] as fp32, the experts every MoE layer chose [layers, B*T, k], sorted)."""
     from nanok2.moe import MoE
 
-    def hook(module, inputs, out):                 # the gate returns (weights, expert ids [N, k], scores)
-        model._routes.append(out[1].sort(-1).values.clone())
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.gate.register_forward_hook(hook)
+    routes = []
+    hooks = [m.gate.register_forward_hook(lambda mod, inputs, out: routes.append(out[1].sort(-1).values))
+             for m in model.modules() if isinstance(m, MoE)]   # the gate returns (weights, expert ids, scores)
+    try:
+        return model(x).float().flatten(0, 1), torch.stack(routes)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @pytest.mark.parametrize("targets", ["experts", "linear"])
@@ -119,13 +116,11 @@ def test_quantized_model_kernel_vs_reference_and_float(targets):
         qm = quantize_model(copy.deepcopy(model).to(torch.bfloat16), targets)
         n_int4 = sum(isinstance(m, Int4Linear) for m in qm.modules())
         assert n_int4 == (2 * 8 * 3 if targets == "experts" else 2 * 8 * 3 + 3 * 5 + 3 * 2 + 3)
-        _record_routes(qm)
         outs, routes = {}, {}
         for kernel in ("default", "torch", "reference"):  # default: gemv for the experts, torch's kernel for 24 rows
             if kernel != "default":
                 set_int4_kernel(qm, kernel)
-            outs[kernel] = _run_recording_routes(qm, x).flatten(0, 1)              # [B*T, V]
-            routes[kernel] = torch.stack(qm._routes)                               # [layers, B*T, k]
+            outs[kernel], routes[kernel] = _logits_and_routes(qm, x)
         alike = (routes["default"] == routes["reference"]).all(-1).all(0) & \
             (routes["torch"] == routes["reference"]).all(-1).all(0)                # [B*T]
         assert int((~alike).sum()) <= alike.numel() // 12
