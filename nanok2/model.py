@@ -121,9 +121,9 @@ def sdpa_attention(q, k, v, scale: float, mask: torch.Tensor | None = None) -> t
 
 
 def padded_sdpa_attention(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`sdpa_attention` with v zero-padded to the q/k head dim, so SDPA takes its fused (flash) kernel: ~3.5x
-    faster in forward plus backward at 2,048 tokens on CPU (`nanok2 bench train-step`). The padded output
-    columns are zeros and are dropped."""
+    """`sdpa_attention` with v zero-padded to the q/k head dim, so SDPA takes its fused (flash) kernel: a whole
+    agent-tiny training step of 2 x 2,048 tokens on 2 CPU threads took 1.35 s against 2.09 s with plain SDPA
+    (`nanok2 bench train-step`). The padded output columns are zeros and are dropped."""
     dv = v.shape[-1]
     return sdpa_attention(q, k, F.pad(v, (0, q.shape[-1] - dv)), scale, mask)[..., :dv]
 
