@@ -30,6 +30,7 @@ AGENT_TINY_MODEL = dict(
     first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1,
     moe_intermediate_size=192, max_position_embeddings=2048, rope_scaling=None)
 MAX_CHECKPOINT_BYTES = 25 * 10**6
+PRETRAIN_ORDERS = ("linked", "corpus")
 
 
 @dataclass
@@ -54,6 +55,10 @@ class AgentTinyConfig:
     # in the pre-training text: TaskMix's counts per world times this factor (0: documents only). 1.0
     # held the long trails back (the model card's "What was separated").
     pretrain_conversations: float = 0.0
+    # the order of each pre-training world's documents: "linked" lays them out as walks along their mentions
+    # (world/reading_order.py), so a window's next article is about a name the one before it wrote;
+    # "corpus" keeps the docid order, where neighbours are unrelated
+    pretrain_order: str = "corpus"
     context: int = 2048              # the model's context (max_position_embeddings), prompt and reply
     reply_tokens: int = 256          # max tokens of one model turn (generation_config.json)
     # --- model
@@ -88,6 +93,8 @@ def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConf
         raise NanoK2Error("training worlds must have seeds below 1000 (evaluation worlds start at 1000)")
     if min(cfg.pretrain_worlds, cfg.tokenizer_worlds) > cfg.worlds or min(cfg.worlds, cfg.tokenizer_worlds) < 1:
         raise NanoK2Error("need 1 <= tokenizer_worlds, pretrain_worlds <= worlds")
+    if cfg.pretrain_order not in PRETRAIN_ORDERS:
+        raise NanoK2Error(f"pretrain_order={cfg.pretrain_order!r}; known: {', '.join(PRETRAIN_ORDERS)}")
     return cfg
 
 
@@ -127,6 +134,7 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
     """Pre-training documents (JSONL) and the tokenizer's text: documents plus gold conversations."""
     from nanok2.chat import render
     from nanok2.world import make_tasks
+    from nanok2.world.reading_order import linked_order
     from nanok2.world.tools import SCHEMAS
 
     folder = _fresh(out / "text")
@@ -134,11 +142,14 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
     with open(folder / "docs.jsonl", "w", encoding="utf-8") as f_docs, \
             open(folder / "tokenizer.txt", "w", encoding="utf-8") as f_tok:
         for k, (world, toolbox) in enumerate(_worlds(cfg, max(cfg.pretrain_worlds, cfg.tokenizer_worlds))):
-            for d in world.corpus.docs:
-                if k < cfg.pretrain_worlds:
+            if k < cfg.pretrain_worlds:
+                ordered = (linked_order(world.corpus.docs, random.Random(f"agent-tiny:order:{cfg.seed}:{world.seed}"))
+                           if cfg.pretrain_order == "linked" else world.corpus.docs)
+                for d in ordered:
                     f_docs.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
-                    docs += 1
-                if k < cfg.tokenizer_worlds:
+                docs += len(ordered)
+            if k < cfg.tokenizer_worlds:
+                for d in world.corpus.docs:
                     f_tok.write(d.text + "\n\n")
                     chars += len(d.text)
             if k < cfg.tokenizer_worlds:
