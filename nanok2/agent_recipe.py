@@ -152,7 +152,6 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
                 for d in world.corpus.docs:
                     f_tok.write(d.text + "\n\n")
                     chars += len(d.text)
-            if k < cfg.tokenizer_worlds:
                 for family, hops in (("multihop", 2), ("multihop", 3), ("constraint", 3), ("trail", 8),
                                      ("arithmetic", 2)):
                     try:

@@ -207,7 +207,7 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
         f"out={out}", "worlds=1", "world_size=400", "pretrain_worlds=1", "tokenizer_worlds=1", "vocab_size=600",
         "pretrain_steps=2", "pretrain_batch=2", "pretrain_seq_len=64", "pretrain_windows=[[32,1]]", "sft_steps=2", "sft_batch=1",
         "context=2048", "progress=false", "model.hidden_size=64", "model.num_hidden_layers=2",
-        "split_digits=true", "pretrain_conversations=1", "sft_first_fit=true"])
+        "split_digits=true", "pretrain_conversations=1", "sft_first_fit=true", "pretrain_order=linked"])
     summary = run_pipeline(cfg)
     model_dir = out / "model"
     config = json.loads((model_dir / "config.json").read_text())
@@ -232,6 +232,9 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     # the options: pre-training text holds whole conversations in the chat format, digits are single tokens
     tok = Tokenizer.load(model_dir)
     assert summary["text"]["pretrain_conversations"] > 0
+    texts = [json.loads(line)["text"] for line in (out / "text" / "docs.jsonl").read_text().splitlines()]
+    world_texts = [d.text for d in build_world(1, 400).corpus.docs]
+    assert sorted(texts) == sorted(world_texts) and texts != world_texts   # every document once, re-ordered
     pretrain = json.loads((out / "shards" / "pretrain" / "manifest.json").read_text())
     ids = np.fromfile(out / "shards" / "pretrain" / pretrain["shards"][0]["file"], dtype=pretrain["dtype"])
     assert (ids == tok.id_of("<|tool_call_begin|>")).sum() > 0
