@@ -39,13 +39,14 @@ def links(docs: list[Doc]) -> list[list[int]]:
         if words:
             by_key[min(words, key=lambda w: (word_count[w], w))].append(j)
     by_docid = {d.docid: j for j, d in enumerate(docs)}
+    title_re = [re.compile(r"(?<![A-Za-z])" + re.escape(d.title) + r"(?![A-Za-z])") for d in docs]
     out: list[list[int]] = []
     for i, d in enumerate(docs):
         found: dict[int, tuple[int, int]] = {}           # document -> (where it is first mentioned, -length)
         for w in set(WORD_RE.findall(d.text)):
             for j in by_key.get(w, ()):
                 if j != i and j not in found:
-                    m = re.search(r"(?<![A-Za-z])" + re.escape(docs[j].title) + r"(?![A-Za-z])", d.text)
+                    m = title_re[j].search(d.text)
                     if m:
                         found[j] = (m.start(), -len(docs[j].title))
         for m in DOCID_RE.finditer(d.text):
