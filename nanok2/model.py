@@ -123,9 +123,12 @@ def sdpa_attention(q, k, v, scale: float, mask: torch.Tensor | None = None) -> t
 def padded_sdpa_attention(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`sdpa_attention` with v zero-padded to the q/k head dim, so SDPA takes its fused (flash) kernel: a whole
     agent-tiny training step of 2 x 2,048 tokens on 2 CPU threads took 1.35 s against 2.09 s with plain SDPA
-    (`nanok2 bench train-step`). The padded output columns are zeros and are dropped."""
-    dv = v.shape[-1]
-    return sdpa_attention(q, k, F.pad(v, (0, q.shape[-1] - dv)), scale, mask)[..., :dv]
+    (`nanok2 bench train-step`). The padded output columns are zeros and are dropped. Where v is the wider
+    (v_head_dim > qk_nope + qk_rope), q and k get the zero columns instead: they add nothing to q·kᵀ."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dv > dq:
+        return sdpa_attention(F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq)), v, scale, mask)
+    return sdpa_attention(q, k, F.pad(v, (0, dq - dv)), scale, mask)[..., :dv]
 
 
 @torch.no_grad()

@@ -121,14 +121,16 @@ def test_bench_preset_keeps_k2_proportions():
         assert getattr(s, bound) == pytest.approx(getattr(k2, bound), rel=0.03)
 
 
+@pytest.mark.parametrize("dv", [32, 64])
 @pytest.mark.parametrize("tq, tk, with_mask", [(33, 33, False), (1, 9, False), (17, 17, True), (4, 21, True)])
-def test_attention_kernels_match_the_materialised_reference(tq, tk, with_mask):
-    """Training's kernel (SDPA with v zero-padded to the q/k head dim) and plain SDPA give the reference's
-    output and gradients: causal self-attention and one query against its cache without a mask (the contract
-    of mask=None), and with a mask, also for the last Tq queries of Tk positions."""
+def test_attention_kernels_match_the_materialised_reference(tq, tk, with_mask, dv):
+    """Training's kernel (SDPA with the narrower of v and q/k zero-padded to the other's head dim) and plain
+    SDPA give the reference's output and gradients, with v narrower (agent-tiny, K2) and wider than q/k:
+    causal self-attention and one query against its cache without a mask (the contract of mask=None), and
+    with a mask, also for the last Tq queries of Tk positions."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, tq, 48, generator=g), torch.randn(2, 3, tk, 48, generator=g)
-    v = torch.randn(2, 3, tk, 32, generator=g)
+    v = torch.randn(2, 3, tk, dv, generator=g)
     mask = None
     if with_mask:        # causal plus left padding of 5 in the second row
         mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)[None, None].repeat(2, 1, 1, 1)
@@ -139,9 +141,9 @@ def test_attention_kernels_match_the_materialised_reference(tq, tk, with_mask):
                          ("padded", padded_sdpa_attention)):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = kernel(*leaves, 48 ** -0.5, mask)
-        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        (out * torch.linspace(-1, 1, dv)).sum().backward()
         outs[name], grads[name] = out.detach(), [t.grad for t in leaves]
-    assert outs["padded"].shape == (2, 3, tq, 32)
+    assert outs["padded"].shape == (2, 3, tq, dv)
     for name in ("sdpa", "padded"):
         torch.testing.assert_close(outs[name], outs["reference"], atol=1e-5, rtol=1e-4)
         for a, b in zip(grads[name], grads["reference"]):
