@@ -72,15 +72,20 @@ def forced_ending(messages: list[dict], reason: str = "budget") -> list[dict]:
     return messages[:-1] + [{"role": "user", "content": FORCE_ANSWER[reason] + FORCE_TAIL}, messages[-1]]
 
 
-def encode_example(row: dict, tokenizer) -> tuple[list[int], list[int]]:
+def encode_example(row: dict, tokenizer, weights: tuple[int, int] = (1, 0)) -> tuple[list[int], list[int]]:
     """An SFT row {"messages", "tools", optional "train_from"} -> (ids, loss mask).
 
     Without `train_from` every assistant turn of the current tool loop is trained (chat.render_ids); with
     it, only the assistant messages from that index on: the mask is cleared over the rendered prompt
-    of the messages before it, which must be a prefix of the whole rendering.
+    of the messages before it, which must be a prefix of the whole rendering. `weights` are the mask's
+    integer loss weights (0-255) of (the assistant's trained turns, the tools' results).
     """
     messages, tools = row["messages"], row.get("tools")
-    ids, mask = render_ids(messages, tokenizer, tools)
+    assistant, tool = weights
+    if not (0 < assistant < 256 and 0 <= tool < 256):
+        raise NanoK2Error(f"loss weights {list(weights)}: need 1-255 for the assistant and 0-255 for tool results")
+    ids, mask = render_ids(messages, tokenizer, tools, tool_results=2 if tool else 0)
+    mask = [assistant if m == 1 else tool if m == 2 else 0 for m in mask]
     start = row.get("train_from")
     if start:
         if not 0 < start < len(messages) or messages[start].get("role") != "assistant":

@@ -76,6 +76,9 @@ class AgentTinyConfig:
     sft_batch: int = 2
     sft_lr: float = 2e-3
     sft_first_fit: bool = True       # pack SFT windows first-fit (less padding) instead of in order
+    # integer loss weights (0-255) of [the assistant's turns, the tools' results]: [4, 1] also trains the
+    # documents the tools return, in the agent's own format (a name in them is often copied from the query)
+    sft_loss_weights: list = field(default_factory=lambda: [1, 0])
     qat: str | None = "int4"
     seed: int = 0
     progress: bool = True
@@ -93,6 +96,10 @@ def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConf
         raise NanoK2Error("training worlds must have seeds below 1000 (evaluation worlds start at 1000)")
     if min(cfg.pretrain_worlds, cfg.tokenizer_worlds) > cfg.worlds or min(cfg.worlds, cfg.tokenizer_worlds) < 1:
         raise NanoK2Error("need 1 <= tokenizer_worlds, pretrain_worlds <= worlds")
+    weights = cfg.sft_loss_weights
+    if not (isinstance(weights, list) and len(weights) == 2 and all(isinstance(w, int) for w in weights)
+            and 0 < weights[0] < 256 and 0 <= weights[1] < 256):
+        raise NanoK2Error(f"sft_loss_weights={weights!r}: need [assistant 1-255, tool results 0-255], integers")
     if cfg.pretrain_order not in PRETRAIN_ORDERS:
         raise NanoK2Error(f"pretrain_order={cfg.pretrain_order!r}; known: {', '.join(PRETRAIN_ORDERS)}")
     return cfg
@@ -250,7 +257,7 @@ def stage_shards(cfg: AgentTinyConfig, out: Path) -> dict:
     pre = tokenize_files(tok, [str(out / "text" / "docs.jsonl"), str(out / "text" / "conversations.jsonl")],
                          str(folder / "pretrain"))   # conversations.jsonl is empty unless pretrain_conversations
     sft = tokenize_files(tok, [str(out / "sft-data" / "sft.jsonl")], str(folder / "sft"), sft=True,
-                         align=cfg.context, first_fit=cfg.sft_first_fit)
+                         align=cfg.context, first_fit=cfg.sft_first_fit, sft_weights=tuple(cfg.sft_loss_weights))
     info = {"pretrain_tokens": pre["tokens"], "sft_tokens": sft["tokens"], "sft_padding": sft.get("padding")}
     _mark_done(folder, info)
     return info

@@ -40,11 +40,12 @@ _IMAGE_PIECES = (("<|media_start|>image", False), ("<|media_content|>", True), (
 
 
 class Piece(NamedTuple):
-    """A stretch of rendered text: a special token (`special`) or ordinary text, and whether the
-    assistant generated it (`trained`)."""
+    """A stretch of rendered text: a special token (`special`) or ordinary text, whether the assistant
+    generated it (`trained`), and whether it is a tool's result (`tool_result`: its header and content)."""
     text: str
     special: bool
     trained: bool = False
+    tool_result: bool = False
 
 
 _MISSING = object()  # a key the message does not have (Jinja's Undefined)
@@ -113,7 +114,10 @@ def _message_pieces(message: dict, keep_reasoning: bool) -> list[Piece]:
             pieces += _tool_call_pieces(message, trained)
         return pieces + [Piece("<|im_end|>", True, trained)]
     if role == "tool":
-        pieces.append(Piece(f"## Return of {_jinja_text(message.get('tool_call_id', _MISSING))}\n", False))
+        pieces.append(Piece(f"## Return of {_jinja_text(message.get('tool_call_id', _MISSING))}\n", False,
+                            tool_result=True))
+        return pieces + [p._replace(tool_result=True) for p in _content_pieces(message, False)] + \
+            [Piece("<|im_end|>", True)]
     return pieces + _content_pieces(message, False) + [Piece("<|im_end|>", True)]
 
 
@@ -165,8 +169,9 @@ def render(messages: list[dict], tools: list[dict] | None = None, add_generation
 
 
 def render_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None, add_generation_prompt: bool = False,
-               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
-    """Messages -> (ids, loss_mask) for supervised fine-tuning; mask 1 on what the assistant generated.
+               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, tool_results: int = 0) -> tuple[list[int], list[int]]:
+    """Messages -> (ids, loss_mask) for supervised fine-tuning; mask 1 on what the assistant generated,
+    and `tool_results` (0 by default) on the tools' results, from their `## Return of` header to their end.
 
     The ids are those the model saw and produced: when the conversation ends with a final answer (an
     assistant message without tool calls), that answer and the tool loop before it keep their reasoning
@@ -186,21 +191,23 @@ def render_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None,
     pieces = render_pieces(messages, tools, add_generation_prompt, system_prompt, keep_reasoning_after=split)
     ids: list[int] = []
     mask: list[int] = []
-    text, text_trained = "", False
+    text, text_mask = "", 0
     # Adjacent ordinary pieces are encoded together (BPE merges across them, as on the joined text);
-    # every trained stretch starts and ends at a special token, so no stretch mixes both mask values.
+    # every trained stretch (and every tool result) starts and ends at a special token, so no stretch
+    # mixes mask values.
     for piece in [*pieces, Piece("", True)]:
+        value = 1 if piece.trained else tool_results if piece.tool_result else 0
         if not piece.special:
-            text, text_trained = text + piece.text, piece.trained
+            text, text_mask = text + piece.text, value
             continue
         if text:
             chunk = tokenizer.encode(text)
             ids += chunk
-            mask += [int(text_trained)] * len(chunk)
+            mask += [text_mask] * len(chunk)
             text = ""
         if piece.text:
             ids.append(tokenizer.id_of(piece.text))
-            mask.append(int(piece.trained))
+            mask.append(value)
     return ids, mask
 
 

@@ -1,8 +1,8 @@
 """Training data on disk: token shards read memory-mapped, their manifest, and `nanok2 data tokenize`.
 
 A dataset is a directory: `shard_00000.bin`, … hold token ids back to back (uint16 when the vocabulary
-fits, else uint32), SFT datasets add `shard_00000.mask.bin` (uint8, 1 where the token is trained on),
-and `manifest.json` records the kind, the vocabulary size, the largest id, and a fingerprint of the
+fits, else uint32), SFT datasets add `shard_00000.mask.bin` (uint8: each token's loss weight, 0 where it is
+not trained), and `manifest.json` records the kind, the vocabulary size, the largest id, and a fingerprint of the
 tokenizer. The manifest is written last and atomically, so a directory without one is incomplete.
 
 The trainer reads fixed windows of seq_len+1 tokens. Their order is a permutation seeded per epoch,
@@ -159,7 +159,7 @@ def _write_atomic_bytes(path: Path, data: bytes) -> None:
 class Batch:
     inputs: torch.Tensor    # [B, T] int64
     targets: torch.Tensor   # [B, T] int64
-    mask: torch.Tensor      # [B, T] float32, 1 where the target is trained on
+    mask: torch.Tensor      # [B, T] float32, the target's loss weight (0: not trained, 1 as a rule)
 
 
 class TokenDataset:
@@ -276,11 +276,14 @@ def _documents(files: list[str], sft: bool):
 
 
 def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = False,
-                   shard_tokens: int = 50_000_000, align: int | None = None, first_fit: bool = False) -> dict:
+                   shard_tokens: int = 50_000_000, align: int | None = None, first_fit: bool = False,
+                   sft_weights: tuple[int, int] = (1, 0)) -> dict:
     """Tokenize text (each document followed by [EOS]) or chat conversations (with their loss masks).
 
     An SFT row may carry `train_from` (agent_data.encode_example): only its assistant messages from that
-    index on are trained. `align=seq_len` keeps every document inside one training window.
+    index on are trained. `sft_weights`: the loss weights of the assistant's turns and of tool results
+    (the mask holds them; the trainer divides by their sum). `align=seq_len` keeps every document inside
+    one training window.
     """
     from nanok2.agent_data import encode_example
     from nanok2.chat import render_ids
@@ -292,7 +295,7 @@ def tokenize_files(tokenizer_dir: str, files: list[str], out: str, sft: bool = F
                          shard_tokens, align=align, pad_id=eos, first_fit=first_fit)
     for doc in _documents(files, sft):
         if sft:
-            writer.add(*encode_example(doc, tok))
+            writer.add(*encode_example(doc, tok, sft_weights))
         elif isinstance(doc, dict):   # a conversation, every token of it trained
             writer.add(render_ids(doc["messages"], tok, doc.get("tools"))[0] + [eos])
         else:

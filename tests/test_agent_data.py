@@ -149,6 +149,28 @@ def test_train_from_masks_the_earlier_turns(world, toolbox, byte_tokenizer):
         encode_example({"messages": messages, "tools": SCHEMAS, "train_from": 1}, byte_tokenizer)
 
 
+def test_loss_weights_can_also_train_the_tool_results(world, toolbox, byte_tokenizer):
+    """`weights` = (assistant, tool results): the assistant's tokens get the first, and every tool result,
+    from its `## Return of` header to the text's end, the second; nothing else is trained. With train_from,
+    only the tool results after that point are trained, like the assistant's turns."""
+    task = make_tasks(world, toolbox, "multihop", 2, 1)[0]
+    row = {"messages": task.messages, "tools": SCHEMAS}
+    plain_ids, plain = encode_example(row, byte_tokenizer)
+    ids, mask = encode_example(row, byte_tokenizer, (4, 1))
+    assert ids == plain_ids and set(mask) == {0, 1, 4}
+    assert [m == 4 for m in mask] == [m == 1 for m in plain]
+    tool_text = byte_tokenizer.decode([i for i, m in zip(ids, mask) if m == 1])
+    results = [m for m in task.messages if m["role"] == "tool"]
+    assert tool_text == "".join(f"## Return of {m['tool_call_id']}\n{m['content']}" for m in results)
+    last_call = max(i for i, m in enumerate(task.messages) if m.get("tool_calls"))
+    _, late = encode_example({**row, "train_from": last_call}, byte_tokenizer, (4, 1))
+    assert byte_tokenizer.decode([i for i, m in zip(ids, late) if m == 1]) == \
+        f"## Return of {results[-1]['tool_call_id']}\n{results[-1]['content']}"
+    for bad in ((0, 1), (1, 256), (2, -1)):
+        with pytest.raises(NanoK2Error, match="loss weights"):
+            encode_example(row, byte_tokenizer, bad)
+
+
 @pytest.mark.parametrize("first_fit", [False, True])
 def test_aligned_packing_keeps_each_document_in_one_window(tmp_path, first_fit):
     """In order, or first fit: the 3-token document fills the gap after the first 5-token one; no
@@ -207,7 +229,8 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
         f"out={out}", "worlds=1", "world_size=400", "pretrain_worlds=1", "tokenizer_worlds=1", "vocab_size=600",
         "pretrain_steps=2", "pretrain_batch=2", "pretrain_seq_len=64", "pretrain_windows=[[32,1]]", "sft_steps=2", "sft_batch=1",
         "context=2048", "progress=false", "model.hidden_size=64", "model.num_hidden_layers=2",
-        "split_digits=true", "pretrain_conversations=1", "sft_first_fit=true", "pretrain_order=linked"])
+        "split_digits=true", "pretrain_conversations=1", "sft_first_fit=true", "pretrain_order=linked",
+        "sft_loss_weights=[3,1]"])
     summary = run_pipeline(cfg)
     model_dir = out / "model"
     config = json.loads((model_dir / "config.json").read_text())
@@ -229,6 +252,8 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     assert [r["seq_len"] for r in rows] == [32, 64]
     manifest = json.loads((out / "shards" / "sft" / "manifest.json").read_text())
     assert manifest["align"] == 2048
+    weights = np.fromfile(out / "shards" / "sft" / manifest["shards"][0]["mask"], dtype=np.uint8)
+    assert set(np.unique(weights)) == {0, 1, 3}       # sft_loss_weights: assistant 3, tool results 1
     # the options: pre-training text holds whole conversations in the chat format, digits are single tokens
     tok = Tokenizer.load(model_dir)
     assert summary["text"]["pretrain_conversations"] > 0
@@ -249,5 +274,8 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
         run_pipeline(apply_overrides(cfg, ["sft_steps=3"]), resume=True)
     with pytest.raises(NanoK2Error, match="unknown agent-tiny recipe key 'stepz'"):
         apply_overrides(cfg, ["stepz=3"])
+    for bad in ("[0,1]", "[1]", "[1.5,1]", "[1,300]"):
+        with pytest.raises(NanoK2Error, match="sft_loss_weights"):
+            apply_overrides(cfg, [f"sft_loss_weights={bad}"])
     with pytest.raises(NanoK2Error, match="below 1000"):
         apply_overrides(cfg, ["first_seed=990", "worlds=20"])
