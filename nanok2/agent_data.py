@@ -72,6 +72,13 @@ def forced_ending(messages: list[dict], reason: str = "budget") -> list[dict]:
     return messages[:-1] + [{"role": "user", "content": FORCE_ANSWER[reason] + FORCE_TAIL}, messages[-1]]
 
 
+def check_loss_weights(weights) -> None:
+    """SFT's integer loss weights (assistant's turns, tools' results): they are stored in a uint8 mask."""
+    if not (isinstance(weights, (list, tuple)) and len(weights) == 2 and all(isinstance(w, int) for w in weights)
+            and 0 < weights[0] < 256 and 0 <= weights[1] < 256):
+        raise NanoK2Error(f"loss weights {weights!r}: need [assistant 1-255, tool results 0-255], integers")
+
+
 def encode_example(row: dict, tokenizer, weights: tuple[int, int] = (1, 0)) -> tuple[list[int], list[int]]:
     """An SFT row {"messages", "tools", optional "train_from"} -> (ids, loss mask).
 
@@ -81,11 +88,8 @@ def encode_example(row: dict, tokenizer, weights: tuple[int, int] = (1, 0)) -> t
     integer loss weights (0-255) of (the assistant's trained turns, the tools' results).
     """
     messages, tools = row["messages"], row.get("tools")
-    assistant, tool = weights
-    if not (0 < assistant < 256 and 0 <= tool < 256):
-        raise NanoK2Error(f"loss weights {list(weights)}: need 1-255 for the assistant and 0-255 for tool results")
-    ids, mask = render_ids(messages, tokenizer, tools, tool_results=2 if tool else 0)
-    mask = [assistant if m == 1 else tool if m == 2 else 0 for m in mask]
+    check_loss_weights(weights)
+    ids, mask = render_ids(messages, tokenizer, tools, assistant=weights[0], tool_results=weights[1])
     start = row.get("train_from")
     if start:
         if not 0 < start < len(messages) or messages[start].get("role") != "assistant":

@@ -89,6 +89,7 @@ class AgentTinyConfig:
 
 def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConfig:
     """`key=value` (and `model.key=value`) on the recipe; unknown keys list the known ones."""
+    from nanok2.agent_data import check_loss_weights
     from nanok2.recipes import apply_overrides as apply_config_overrides
 
     cfg = apply_config_overrides(cfg, overrides, what="agent-tiny recipe")
@@ -96,10 +97,10 @@ def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConf
         raise NanoK2Error("training worlds must have seeds below 1000 (evaluation worlds start at 1000)")
     if min(cfg.pretrain_worlds, cfg.tokenizer_worlds) > cfg.worlds or min(cfg.worlds, cfg.tokenizer_worlds) < 1:
         raise NanoK2Error("need 1 <= tokenizer_worlds, pretrain_worlds <= worlds")
-    weights = cfg.sft_loss_weights
-    if not (isinstance(weights, list) and len(weights) == 2 and all(isinstance(w, int) for w in weights)
-            and 0 < weights[0] < 256 and 0 <= weights[1] < 256):
-        raise NanoK2Error(f"sft_loss_weights={weights!r}: need [assistant 1-255, tool results 0-255], integers")
+    try:
+        check_loss_weights(cfg.sft_loss_weights)
+    except NanoK2Error as e:
+        raise NanoK2Error(f"sft_loss_weights: {e}") from None
     if cfg.pretrain_order not in PRETRAIN_ORDERS:
         raise NanoK2Error(f"pretrain_order={cfg.pretrain_order!r}; known: {', '.join(PRETRAIN_ORDERS)}")
     return cfg

@@ -169,9 +169,10 @@ def render(messages: list[dict], tools: list[dict] | None = None, add_generation
 
 
 def render_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None, add_generation_prompt: bool = False,
-               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, tool_results: int = 0) -> tuple[list[int], list[int]]:
-    """Messages -> (ids, loss_mask) for supervised fine-tuning; mask 1 on what the assistant generated,
-    and `tool_results` (0 by default) on the tools' results, from their `## Return of` header to their end.
+               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, assistant: int = 1,
+               tool_results: int = 0) -> tuple[list[int], list[int]]:
+    """Messages -> (ids, loss_mask) for supervised fine-tuning; mask `assistant` (1) on what the assistant
+    generated, `tool_results` (0) on the tools' results, from their `## Return of` header to their end.
 
     The ids are those the model saw and produced: when the conversation ends with a final answer (an
     assistant message without tool calls), that answer and the tool loop before it keep their reasoning
@@ -196,7 +197,7 @@ def render_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None,
     # every trained stretch (and every tool result) starts and ends at a special token, so no stretch
     # mixes mask values.
     for piece in [*pieces, Piece("", True)]:
-        value = 1 if piece.trained else tool_results if piece.tool_result else 0
+        value = assistant if piece.trained else tool_results if piece.tool_result else 0
         if not piece.special:
             text, text_mask = text + piece.text, value
             continue
