@@ -115,15 +115,16 @@ class TaskMix:
 
 
 def world_examples(world, toolbox, count, limit: int, mix: TaskMix, rng: random.Random,
-                   config: AgentConfig | None = None) -> tuple[list[Example], dict]:
-    """Examples from one world's tasks; -> (examples, {family: tasks used})."""
+                   config: AgentConfig | None = None, style: str = "plain") -> tuple[list[Example], dict]:
+    """Examples from one world's tasks, their gold thinking worded in `style` (world/tasks.py GOLD_STYLES);
+    -> (examples, {family: tasks used})."""
     from nanok2.world.tasks import make_tasks, make_trail
 
     examples, used = [], {}
     for family in ("multihop", "constraint", "arithmetic"):
         for hops, n in getattr(mix, family).items():
             try:
-                tasks = make_tasks(world, toolbox, family, hops, n)
+                tasks = make_tasks(world, toolbox, family, hops, n, style)
             except NanoK2Error:    # a small world may not hold n distinct tasks of this kind
                 continue
             for t in tasks:

@@ -79,6 +79,9 @@ class AgentTinyConfig:
     # integer loss weights (0-255) of [the assistant's turns, the tools' results]: [4, 1] also trains the
     # documents the tools return, in the agent's own format (a name in them is often copied from the query)
     sft_loss_weights: list = field(default_factory=lambda: [1, 0])
+    # the gold thinking's wording (world/tasks.py GOLD_STYLES): "restate" carries what is still sought from
+    # step to step; it changes the tokenizer's text, the SFT data and any pre-training conversations
+    gold_style: str = "plain"
     qat: str | None = "int4"
     seed: int = 0
     progress: bool = True
@@ -91,6 +94,7 @@ def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConf
     """`key=value` (and `model.key=value`) on the recipe; unknown keys list the known ones."""
     from nanok2.agent_data import check_loss_weights
     from nanok2.recipes import apply_overrides as apply_config_overrides
+    from nanok2.world.tasks import GOLD_STYLES
 
     cfg = apply_config_overrides(cfg, overrides, what="agent-tiny recipe")
     if cfg.first_seed + cfg.worlds > 1000:
@@ -101,6 +105,8 @@ def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConf
         check_loss_weights(cfg.sft_loss_weights)
     except NanoK2Error as e:
         raise NanoK2Error(f"sft_loss_weights: {e}") from None
+    if cfg.gold_style not in GOLD_STYLES:
+        raise NanoK2Error(f"gold_style={cfg.gold_style!r}; known: {', '.join(GOLD_STYLES)}")
     if cfg.pretrain_order not in PRETRAIN_ORDERS:
         raise NanoK2Error(f"pretrain_order={cfg.pretrain_order!r}; known: {', '.join(PRETRAIN_ORDERS)}")
     return cfg
@@ -163,7 +169,7 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
                 for family, hops in (("multihop", 2), ("multihop", 3), ("constraint", 3), ("trail", 8),
                                      ("arithmetic", 2)):
                     try:
-                        tasks = make_tasks(world, toolbox, family, hops, 10)
+                        tasks = make_tasks(world, toolbox, family, hops, 10, cfg.gold_style)
                     except NanoK2Error:  # a small world: fewer tasks of this kind
                         tasks = []
                     for task in tasks:
@@ -196,7 +202,7 @@ def _pretrain_conversations(cfg: AgentTinyConfig, path: Path) -> int:
                 for hops, sft_n in getattr(mix, family).items():
                     extra = round(sft_n * cfg.pretrain_conversations)
                     try:
-                        tasks += make_tasks(world, toolbox, family, hops, sft_n + extra)[sft_n:]
+                        tasks += make_tasks(world, toolbox, family, hops, sft_n + extra, cfg.gold_style)[sft_n:]
                     except NanoK2Error:   # a small world: fewer tasks of this kind
                         continue
             depths = sorted(set(world.rendered.trails.depth))
@@ -240,7 +246,7 @@ def stage_sft_data(cfg: AgentTinyConfig, out: Path) -> dict:
     used_total: dict[str, int] = {}
     n = 0
     for world, toolbox in _worlds(cfg, cfg.worlds):
-        examples, used = world_examples(world, toolbox, count, limit, TaskMix(), rng)
+        examples, used = world_examples(world, toolbox, count, limit, TaskMix(), rng, style=cfg.gold_style)
         n += write_examples(folder / "sft.jsonl", examples, SCHEMAS)
         for k, v in used.items():
             used_total[k] = used_total.get(k, 0) + v

@@ -230,7 +230,7 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
         "pretrain_steps=2", "pretrain_batch=2", "pretrain_seq_len=64", "pretrain_windows=[[32,1]]", "sft_steps=2", "sft_batch=1",
         "context=2048", "progress=false", "model.hidden_size=64", "model.num_hidden_layers=2",
         "split_digits=true", "pretrain_conversations=1", "sft_first_fit=true", "pretrain_order=linked",
-        "sft_loss_weights=[3,1]"])
+        "sft_loss_weights=[3,1]", "gold_style=restate"])
     summary = run_pipeline(cfg)
     model_dir = out / "model"
     config = json.loads((model_dir / "config.json").read_text())
@@ -254,6 +254,8 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     assert manifest["align"] == 2048
     weights = np.fromfile(out / "shards" / "sft" / manifest["shards"][0]["mask"], dtype=np.uint8)
     assert set(np.unique(weights)) == {0, 1, 3}       # sft_loss_weights: assistant 3, tool results 1
+    sft_text = "".join(p.read_text() for p in (out / "sft-data").glob("*.jsonl"))
+    assert "Now the question asks for the " in sft_text         # gold_style=restate
     # the options: pre-training text holds whole conversations in the chat format, digits are single tokens
     tok = Tokenizer.load(model_dir)
     assert summary["text"]["pretrain_conversations"] > 0
@@ -277,5 +279,7 @@ def test_agent_tiny_recipe_end_to_end_at_toy_size(tmp_path, capsys):
     for bad in ("[0,1]", "[1]", "[1.5,1]", "[1,300]"):
         with pytest.raises(NanoK2Error, match="sft_loss_weights"):
             apply_overrides(cfg, [f"sft_loss_weights={bad}"])
+    with pytest.raises(NanoK2Error, match="gold_style='terse'; known: plain, restate"):
+        apply_overrides(cfg, ["gold_style=terse"])
     with pytest.raises(NanoK2Error, match="below 1000"):
         apply_overrides(cfg, ["first_seed=990", "worlds=20"])

@@ -1,5 +1,6 @@
 """Task families and their gold trajectories: exact replay, correct answers, unique answers, K2 ids."""
 import json
+import re
 
 import pytest
 
@@ -56,6 +57,51 @@ def test_gold_trajectories_replay_exactly(setup, family, hops, n):
             assert calls == 2 * hops
 
 
+@pytest.mark.parametrize("family,hops", [("multihop", 1), ("multihop", 3), ("constraint", 3), ("constraint", 4),
+                                         ("arithmetic", 2), ("arithmetic", 4), ("trail", 5)])
+def test_restated_gold_thinking(setup, family, hops):
+    """The "restate" style words the thinking differently and nothing else: same questions, answers, tool
+    calls and results; and its last thinking before each call carries what is still sought."""
+    world, tools = setup
+    plain = make_tasks(world, tools, family, hops, 2)
+    restated = make_tasks(world, tools, family, hops, 2, style="restate")
+    for p, r in zip(plain, restated):
+        assert (p.question, p.answer, p.evidence) == (r.question, r.answer, r.evidence)
+        strip = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in p.messages]
+        assert strip == [{k: v for k, v in m.items() if k != "reasoning_content"} for m in r.messages]
+        assert replay(tools, r.messages) == [] and verify(world, r) == []
+        thoughts = [m["reasoning_content"] for m in r.messages if m["role"] == "assistant"]
+        queries = [json.loads(c["function"]["arguments"]) for m in r.messages for c in m.get("tool_calls") or []]
+        if family == "trail":
+            assert r.messages == p.messages
+        elif family == "multihop":
+            assert thoughts[0].startswith("The question asks for the ")
+            # every hop but the last narrows the question to the entity it found, which is searched next
+            narrowed = [t for t in thoughts if "Now the question asks for" in t]
+            assert len(narrowed) == hops - 1
+            for t, q in zip(narrowed, queries[2::2]):
+                assert t.split("Now the question asks for ")[1].split(". Let me search")[0].endswith(q["query"])
+            assert "I open it for " in thoughts[-2] and p.messages != r.messages
+        elif family == "constraint":
+            assert thoughts[0].startswith("The question asks for the person who ")
+            # "Still to check" lists the people born there whom the trajectory has not searched yet
+            ruled_out = [i for i, t in enumerate(thoughts) if " is ruled out: " in t]
+            assert ruled_out == [i for i, t in enumerate(thoughts) if "Still to check: " in t]
+            for i, t in enumerate(thoughts):
+                if "Still to check: " in t:
+                    left = t.split("Still to check: ")[1].split(". Let me search")[0]
+                    assert left.startswith(queries[i]["query"])
+                    searched = {q["query"] for q in queries[:i] if "query" in q}
+                    assert searched.isdisjoint(left.replace(" and ", ", ").split(", "))
+        else:
+            before_python = thoughts[-2]
+            code = queries[-1]["code"]
+            # every number the program uses was carried into the thinking just before it
+            for number in re.findall(r"\d+", code.split("print(")[0]):
+                assert number in before_python.split("So far: ")[1]
+            assert "Still needed" not in before_python and "Still needed: " in thoughts[2]
+
+
 def test_tasks_are_deterministic(setup):
     world, tools = setup
     for family in FAMILIES:
@@ -101,6 +147,8 @@ def test_bad_requests(setup):
     world, tools = setup
     with pytest.raises(NanoK2Error, match="unknown"):
         make_tasks(world, tools, "riddles", 2, 1)
+    with pytest.raises(NanoK2Error, match="gold style 'chatty': unknown; the styles are plain, restate"):
+        make_tasks(world, tools, "multihop", 2, 1, style="chatty")
     with pytest.raises(NanoK2Error, match="take 1 to 300 hops"):
         make_tasks(world, tools, "trail", 301, 1)
     with pytest.raises(NanoK2Error, match="build a larger"):

@@ -8,7 +8,7 @@ from pathlib import Path
 from nanok2.context import overflow_views
 from nanok2.errors import NanoK2Error
 from nanok2.world.corpus import Corpus
-from nanok2.world.tasks import FAMILIES, make_tasks
+from nanok2.world.tasks import FAMILIES, GOLD_STYLES, make_tasks
 from nanok2.world.tools import Toolbox
 from nanok2.world.world import DEFAULT_SIZE, build_world, load_world, save_world
 
@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     tasks.add_argument("--family", choices=FAMILIES, required=True)
     tasks.add_argument("--hops", type=int, help="difficulty: documents, conditions, notes or facts")
     tasks.add_argument("--n", type=int, default=1)
+    tasks.add_argument("--style", choices=GOLD_STYLES, default="plain",
+                       help="the gold thinking's wording: restate carries what is still sought from step to step")
     tasks.add_argument("--json", action="store_true", help="one JSON object per line")
     tasks.add_argument("--context-chars", type=int,
                        help="also give `views`: the contexts seen when tool outputs overflow this many characters")
@@ -56,7 +58,7 @@ def run_tasks(args) -> int:
     if args.n < 1:
         raise NanoK2Error(f"--n {args.n}: ask for at least one task")
     world = load_world(args.world) if args.world else build_world(args.seed, args.size)
-    for task in make_tasks(world, Toolbox(world.corpus), args.family, args.hops, args.n):
+    for task in make_tasks(world, Toolbox(world.corpus), args.family, args.hops, args.n, args.style):
         record = task.to_json()
         if args.context_chars:
             record["views"] = [{"messages": view, "train_from": start} for view, start in

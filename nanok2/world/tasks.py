@@ -27,6 +27,13 @@ from nanok2.world.world import World
 FAMILIES = ("multihop", "constraint", "trail", "arithmetic")
 HOPS = {"multihop": (1, 6), "constraint": (2, 5), "trail": (1, 300), "arithmetic": (2, 5)}
 DEFAULT_HOPS = {"multihop": 2, "constraint": 3, "trail": 5, "arithmetic": 2}
+# how the gold thinking is worded. "plain" states each fact as it is read (the embedded model was trained on
+# it). "restate" also carries what is still sought: multi-hop thinking restates the question as a noun
+# phrase and narrows it after each hop ("Now the question asks for the founding year of the employer of Y"),
+# constraint thinking keeps the conditions and the candidates left, arithmetic thinking the numbers read so
+# far. A step's context may have lost the question's earlier steps (agent.fit_context), so the last thinking
+# is the agent's only memory of them.
+GOLD_STYLES = ("plain", "restate")
 
 
 @dataclass
@@ -50,8 +57,10 @@ class Skip(Exception):
 
 # ---- reading an entity's article, as the gold agent does it ----------------------------------------
 
-def read_article(rec: Recorder, world: World, e: Entity, why: str, facts: tuple[str, ...]) -> list[str]:
-    """search(name), then open(docid) page by page until the sentences of `facts` have all been seen.
+def read_article(rec: Recorder, world: World, e: Entity, why: str, facts: tuple[str, ...],
+                 purpose: str | None = None) -> list[str]:
+    """search(name), then open(docid) page by page until the sentences of `facts` have all been seen;
+    `purpose` is said when the article is opened ("I open it for the employer of X.").
 
     Returns those sentences. Raises Skip when the article is not among the search results.
     """
@@ -62,7 +71,8 @@ def read_article(rec: Recorder, world: World, e: Entity, why: str, facts: tuple[
         raise Skip(f"search for {e.name!r} misses {docid}")
     seen, page = "", 0
     while True:
-        note = f"{docid} is the article on {e.name}. I open it." if page == 0 else \
+        opener = f"I open it for {purpose}." if purpose else "I open it."
+        note = f"{docid} is the article on {e.name}. {opener}" if page == 0 else \
             f"Not everything I need is on page {page - 1}; I read page {page}."
         text = rec.call(note, "open", {"docid": docid} if page == 0 else {"docid": docid, "page": page})
         seen += text
@@ -90,6 +100,10 @@ ASK = {("person", "birth_year"): "In what year was {x} born?", ("org", "founded"
        ("place", "elevation"): "What is the elevation of {x}, in metres?",
        ("place", "founded"): "In what year was {x} founded?", ("work", "year"): "In what year was {x} published?",
        ("structure", "year"): "In what year was {x} completed?", ("event", "year"): "In what year was {x} held?"}
+ATTR_PHRASE = {("person", "birth_year"): "the year of birth of {x}", ("org", "founded"): "the founding year of {x}",
+               ("place", "population"): "the population of {x}", ("place", "elevation"): "the elevation of {x}",
+               ("place", "founded"): "the founding year of {x}", ("work", "year"): "the year of publication of {x}",
+               ("structure", "year"): "the year of completion of {x}", ("event", "year"): "the year of {x}"}
 
 
 def answer_text(value) -> str:
@@ -103,7 +117,7 @@ def follow(world: World, start: str, path: list[str]) -> list[Entity]:
     return chain
 
 
-def make_multihop(world: World, toolbox: Toolbox, hops: int, rng: random.Random) -> Task:
+def make_multihop(world: World, toolbox: Toolbox, hops: int, rng: random.Random, style: str = "plain") -> Task:
     g = world.graph
     start = rng.choice([e for e in g.entities.values() if RELATIONS[e.kind]])
     path, cur, visited = [], start, {start.key}
@@ -125,13 +139,26 @@ def make_multihop(world: World, toolbox: Toolbox, hops: int, rng: random.Random)
     question = ASK[(cur.kind, attr)].format(x=x)
     answer = answer_text(cur.attrs[attr])
     rec = Recorder(toolbox, question)
-    why, sentences = f"The question starts from {start.name}.", []
-    for e, rel in zip(chain, path + [attr]):
-        sentence = read_article(rec, world, e, why, (FACT_OF[e.kind][rel],))[0]
+
+    def sought(i: int) -> str:   # what the question asks, from the i-th entity of the chain on
+        x = chain[i].name
+        for rel in path[i:]:
+            x = PHRASE[rel].format(x=x)
+        return ATTR_PHRASE[(cur.kind, attr)].format(x=x)
+
+    restate = style == "restate"
+    why = (f"The question asks for {sought(0)}. It starts from {start.name}." if restate else
+           f"The question starts from {start.name}.")
+    sentences = []
+    for i, (e, rel) in enumerate(zip(chain, path + [attr])):
+        purpose = (PHRASE[rel].format(x=e.name) if rel != attr else sought(i)) if restate else None
+        sentence = read_article(rec, world, e, why, (FACT_OF[e.kind][rel],), purpose)[0]
         sentences.append(sentence)
         if rel != attr:
             nxt = g.related(e, rel)
             why = f'The article says: "{sentence}" So {PHRASE[rel].format(x=e.name)} is {nxt.name}.'
+            if restate:
+                why += f" Now the question asks for {sought(i + 1)}."
     messages = rec.finish(f'The article says: "{sentences[-1]}" So the answer is {answer}.',
                           " ".join(sentences), answer)
     ev = [evidence(world, e, FACT_OF[e.kind][rel]) for e, rel in zip(chain, path + [attr])]
@@ -186,7 +213,7 @@ def source(world: World, p: Entity, cond: tuple) -> tuple[Entity, str]:
     return p, "occupation" if kind == "occupation" else "birth_year"
 
 
-def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Random) -> Task:
+def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Random, style: str = "plain") -> Task:
     g = world.graph
     target = rng.choice(g.of_kind("person"))
     employer = g.related(target, "employer")
@@ -203,12 +230,17 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     parts = question_parts(world, conds)
     question = f"Which person {join_names(parts)}? Give the full name."
     rec = Recorder(toolbox, question)
-    natives = read_article(rec, world, place, f"Whoever it is was born in {place.name}, so I first list "
-                           "the people born there.", ("natives",))[0]
+    restate = style == "restate"
+    why = f"Whoever it is was born in {place.name}, so I first list the people born there."
+    if restate:
+        why = f"The question asks for the person who {join_names(parts)}. {why}"
+    natives = read_article(rec, world, place, why, ("natives",),
+                           f"the people born in {place.name}" if restate else None)[0]
     note = f'The article says: "{natives}" I check each of them against the other conditions.'
     personal = [c for c in conds[1:] if not c[0].startswith("employer")]
     via_employer = [c for c in conds[1:] if c[0].startswith("employer")]
-    for cand in g.inverse(place.key, "birthplace"):
+    candidates = g.inverse(place.key, "birthplace")
+    for k, cand in enumerate(candidates):
         facts = world.rendered.facts[cand.key]
         read_article(rec, world, cand, note, ("occupation", "birth_year", "employer"))
         failed = next((c for c in personal if not holds(world, cand, c)), None)
@@ -221,6 +253,8 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
             e, fact = source(world, cand, failed)
             note = (f'"{world.rendered.facts[e.key][fact]}" So {cand.name} is ruled out: the person sought '
                     f"{describe(world, failed)}.")
+            if restate:   # the list of people born there may have left the context by now
+                note += f" Still to check: {join_names([c.name for c in candidates[k + 1:]])}."
             continue
         # matches() found exactly one person, so the first candidate who fits is the answer
         shown = [source(world, cand, c) for c in conds] + ([(cand, "employer")] if via_employer else [])
@@ -244,7 +278,8 @@ def trail_from(world: World, start: int) -> list[int]:
     return chain
 
 
-def make_trail(world: World, toolbox: Toolbox, hops: int, rng: random.Random) -> Task:
+def make_trail(world: World, toolbox: Toolbox, hops: int, rng: random.Random, style: str = "plain") -> Task:
+    # one wording in both styles: each note's thinking already names the note it opens next
     trails, ids = world.rendered.trails, world.rendered.trail_docid
     starts = [i for i, d in enumerate(trails.depth) if d == hops]
     if not starts:
@@ -270,7 +305,7 @@ def make_trail(world: World, toolbox: Toolbox, hops: int, rng: random.Random) ->
 
 # ---- arithmetic ----------------------------------------------------------------------------------
 
-def make_arithmetic(world: World, toolbox: Toolbox, hops: int, rng: random.Random) -> Task:
+def make_arithmetic(world: World, toolbox: Toolbox, hops: int, rng: random.Random, style: str = "plain") -> Task:
     g = world.graph
     op = rng.choice(["population_sum", "elevation_range"] + (["founder_age"] if hops == 2 else []))
     if op == "founder_age":
@@ -278,6 +313,11 @@ def make_arithmetic(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
         founder = g.related(org, "founder")
         question = f"How old was the founder of {org.name} in the year {org.name} was founded?"
         reads = [(org, ("founder", "founded")), (founder, ("birth_year",))]
+        # for "restate": what each read tells, and what the computation still needs after it
+        learned = [f"{org.name} was founded in {org.attrs['founded']} and its founder is {founder.name}",
+                   f"{founder.name} was born in {founder.attrs['birth_year']}"]
+        needed = [[f"the year of birth of {founder.name}"], []]
+        sought = f"the age of the founder of {org.name} in the year {org.name} was founded"
         code = f"founded = {org.attrs['founded']}\nborn = {founder.attrs['birth_year']}\nprint(founded - born)"
         spec = {"op": op, "keys": [org.key]}
     else:
@@ -287,6 +327,11 @@ def make_arithmetic(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
         question = (f"What is the combined population of {names}?" if op == "population_sum" else
                     f"By how many metres is the highest of {names} higher than the lowest?")
         reads = [(p, (attr,)) for p in places]
+        phrase = [ATTR_PHRASE[("place", attr)].format(x=p.name) for p in places]
+        learned = [f"{phrase[i]} is {p.attrs[attr]}" for i, p in enumerate(places)]
+        needed = [phrase[i + 1:] for i in range(len(places))]
+        sought = (f"the combined population of {names}" if op == "population_sum" else
+                  f"how many metres the highest of {names} is higher than the lowest")
         values = "{" + ", ".join(f'"{p.name}": {p.attrs[attr]}' for p in places) + "}"
         code = f"{attr} = {values}\n" + (f"print(sum({attr}.values()))" if op == "population_sum" else
                                          f"print(max({attr}.values()) - min({attr}.values()))")
@@ -294,10 +339,17 @@ def make_arithmetic(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     task = Task("arithmetic", question, "", hops, [], [], spec)
     answer = solve(world, task)
     rec = Recorder(toolbox, question)
+    restate = style == "restate"
     said, why = [], "I need each number from its document first."
-    for e, facts in reads:
+    if restate:
+        why = f"The question asks for {sought}. {why}"
+    for i, (e, facts) in enumerate(reads):
         said += read_article(rec, world, e, why, facts)
         why = "The article says: " + " ".join(f'"{x}"' for x in said[-len(facts):])
+        if restate:   # the numbers read so far, in the digits python will take
+            why += f" So far: {'; '.join(learned[:i + 1])}."
+            if needed[i]:
+                why += f" Still needed: {join_names(needed[i])}."
     out = rec.call(f"{why} Now I compute the result with python.", "python", {"code": code})
     if out.strip() != answer:
         raise Skip(f"python printed {out!r}, expected {answer}")
@@ -354,10 +406,14 @@ MAKERS = {"multihop": make_multihop, "constraint": make_constraint, "trail": mak
           "arithmetic": make_arithmetic}
 
 
-def make_tasks(world: World, toolbox: Toolbox, family: str, hops: int | None = None, n: int = 1) -> list[Task]:
-    """`n` distinct verified tasks of `family` at difficulty `hops`; the same arguments give the same tasks."""
+def make_tasks(world: World, toolbox: Toolbox, family: str, hops: int | None = None, n: int = 1,
+               style: str = "plain") -> list[Task]:
+    """`n` distinct verified tasks of `family` at difficulty `hops`; the same arguments give the same tasks,
+    and the two gold styles (GOLD_STYLES) the same questions, answers and tool calls."""
     if family not in MAKERS:
         raise NanoK2Error(f"--family {family!r}: unknown; the families are {', '.join(FAMILIES)}")
+    if style not in GOLD_STYLES:
+        raise NanoK2Error(f"gold style {style!r}: unknown; the styles are {', '.join(GOLD_STYLES)}")
     hops = DEFAULT_HOPS[family] if hops is None else hops
     low, high = HOPS[family]
     if not low <= hops <= high:
@@ -368,7 +424,7 @@ def make_tasks(world: World, toolbox: Toolbox, family: str, hops: int | None = N
         if len(tasks) == n:
             break
         try:
-            task = MAKERS[family](world, toolbox, hops, rng)
+            task = MAKERS[family](world, toolbox, hops, rng, style)
         except Skip:
             continue
         if task.question in questions:
