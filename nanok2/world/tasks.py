@@ -133,18 +133,19 @@ def make_multihop(world: World, toolbox: Toolbox, hops: int, rng: random.Random,
     attr = rng.choice([a for kind, a in ASK if kind == cur.kind])
     spec = {"start": start.key, "path": path, "attr": attr}
     chain = follow(world, start.key, path)
-    x = start.name
-    for rel in path:
-        x = PHRASE[rel].format(x=x)
-    question = ASK[(cur.kind, attr)].format(x=x)
-    answer = answer_text(cur.attrs[attr])
-    rec = Recorder(toolbox, question)
 
-    def sought(i: int) -> str:   # what the question asks, from the i-th entity of the chain on
+    def reached(i: int) -> str:   # the entity the question leads to, named from the chain's i-th on
         x = chain[i].name
         for rel in path[i:]:
             x = PHRASE[rel].format(x=x)
-        return ATTR_PHRASE[(cur.kind, attr)].format(x=x)
+        return x
+
+    def sought(i: int) -> str:    # what the question asks, from the chain's i-th entity on
+        return ATTR_PHRASE[(cur.kind, attr)].format(x=reached(i))
+
+    question = ASK[(cur.kind, attr)].format(x=reached(0))
+    answer = answer_text(cur.attrs[attr])
+    rec = Recorder(toolbox, question)
 
     restate = style == "restate"
     why = (f"The question asks for {sought(0)}. It starts from {start.name}." if restate else
