@@ -13,7 +13,7 @@ what this file guards against:
 - the context overflowing with tool output: before each step the prompt is measured in tokens; when it
   would not fit, every earlier tool output is hidden (K2's rule, nanok2/context.py), then only the last
   K steps are kept, then the newest outputs are cut;
-- the same call forever: N identical calls in a row get a note, a few more end the run;
+- the same call forever: a call made N times in the run (in a row or in a cycle) gets a note, a few more end the run;
 - a step limit that ends without an answer: at the budget (or after the repeats) the model is asked
   for its final answer once more, and calls it still makes are not run;
 - a crash losing the run: every step is one JSONL record, written and flushed as soon as it is done.
@@ -29,6 +29,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +48,7 @@ FORCE_ANSWER = {
 }
 FORCE_TAIL = (" Do not call any more tools. Give your final answer now, from what you have found, "
               "in exactly three lines:\n" + ANSWER_FORMAT)
-REPEAT_NOTE = ("\n\nNote: you have made exactly this call {n} times in a row; its output will not change. "
+REPEAT_NOTE = ("\n\nNote: you have made exactly this call {n} times in this run; its output will not change. "
                "Make a different call, or give your final answer.")
 CUT_MARKER = "\n[... {n} more characters cut ...]"
 CONFIDENCE_RE = re.compile(r"^\s*Confidence:\s*(\d+(?:\.\d+)?)\s*%?", re.MULTILINE)
@@ -62,8 +63,8 @@ JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": 
 class AgentConfig:
     """How long a run may go and how it treats tools and the context (defaults: K2-Thinking's settings)."""
     max_steps: int = 300               # tool-calling turns before the final answer is forced (K2: 300 for BrowseComp)
-    repeat_warn: int = 3               # the same call this many times in a row: a note in its output
-    repeat_stop: int = 5               # ... this many: the run ends with a forced answer
+    repeat_warn: int = 3               # the same call this many times in the run: a note in its output
+    repeat_stop: int = 5               # ... this many: the run ends with a forced answer (in a row or in a cycle)
     tool_timeout_s: float = 60.0       # per turn, all its calls together (the python tool has its own limit)
     max_result_chars: int = 50_000     # a tool output is cut here before the model sees it (1 MB fills any context)
     hide_keep_last: int = 1            # on overflow, outputs of the last N tool turns stay (1: the ones not read yet)
@@ -325,7 +326,9 @@ class Agent:
         view and view.start(question, list(by_name), cfg)
         limit = self.context_limit()
         count = lambda msgs: self.backend.count_tokens(msgs, schemas)  # noqa: E731
-        hidden_before, streak, last_sig, forced = 0, 0, None, None
+        # made: how often each call (name, canonical arguments) was made in this run. A loop need not repeat
+        # one call in a row: a cycle (open A, search B, open A, ...) repeats each of its calls as often
+        hidden_before, made, forced = 0, Counter(), None
         start = time.perf_counter()
         try:
             while True:
@@ -376,10 +379,10 @@ class Agent:
                     break
                 message["tool_calls"] = calls
                 messages.append(message)
-                streak, last_sig = self._act(calls, errors, by_name, record, messages, result, streak, last_sig)
+                repeats = self._act(calls, errors, by_name, record, messages, result, made)
                 log.write(record)
                 view and view.step(record)
-                if streak >= cfg.repeat_stop:
+                if repeats >= cfg.repeat_stop:
                     forced = "repeated"
                 elif step >= cfg.max_steps:
                     forced = "budget"
@@ -395,12 +398,13 @@ class Agent:
         view and view.final(result)
         return result
 
-    def _act(self, calls, errors, by_name, record, messages, result, streak, last_sig):
-        """Judge, run and answer the calls of one turn; -> the repeat streak after them."""
+    def _act(self, calls, errors, by_name, record, messages, result, made: Counter) -> int:
+        """Judge, run and answer the calls of one turn; -> how often the most repeated of them has now been
+        made in this run (`made` counts every call of the run)."""
         cfg = self.config
         broken = {e.get("index") for e in errors if e.get("index") is not None}
         section_ok = not any(e.get("kind") in SECTION_ERRORS for e in errors)
-        to_run, outputs, notes = [], [None] * len(calls), [""] * len(calls)
+        to_run, outputs, notes, repeats = [], [None] * len(calls), [""] * len(calls), 0
         for i, call in enumerate(calls):
             fn = call.get("function") or {}
             name, arguments = fn.get("name", ""), fn.get("arguments", "")
@@ -419,11 +423,11 @@ class Agent:
             if problem is None and not section_ok:
                 problem = "the tool-call section is malformed"
             sig = call_signature(call)
-            streak = streak + 1 if sig == last_sig else 1
-            last_sig = sig
-            if streak >= cfg.repeat_warn:
-                notes[i] = REPEAT_NOTE.format(n=streak)
-                record["notes"].append(f"call {i} repeated {streak} times in a row")
+            made[sig] += 1
+            repeats = max(repeats, made[sig])
+            if made[sig] >= cfg.repeat_warn:
+                notes[i] = REPEAT_NOTE.format(n=made[sig])
+                record["notes"].append(f"call {i} made {made[sig]} times in this run")
             result.tool_calls += 1
             result.valid_tool_calls += problem is None
             record["tool_calls"].append({"id": call.get("id"), "name": name, "arguments": arguments,
@@ -439,4 +443,4 @@ class Agent:
             messages.append({"role": "tool", "tool_call_id": call.get("id"), "content": content})
             record["results"].append({"id": call.get("id"), "content": cut(content, cfg.log_result_chars),
                                       "chars": len(out), "seconds": round(seconds, 3)})
-        return streak, last_sig
+        return repeats

@@ -114,10 +114,19 @@ class TaskMix:
     long_views: int = 6           # single-step views kept per long trail (they all look alike)
 
 
+def longest_reply(messages: list[dict], count) -> int:
+    """Tokens of the longest assistant turn of `messages`, as the prompt grows by it (with the generation
+    prompt that follows it: a few tokens more than the turn itself)."""
+    return max((count(messages[:i + 1]) - count(messages[:i]) for i, m in enumerate(messages)
+                if m.get("role") == "assistant"), default=0)
+
+
 def world_examples(world, toolbox, count, limit: int, mix: TaskMix, rng: random.Random,
-                   config: AgentConfig | None = None, style: str = "plain") -> tuple[list[Example], dict]:
+                   config: AgentConfig | None = None, style: str = "plain",
+                   reply_limit: int | None = None) -> tuple[list[Example], dict]:
     """Examples from one world's tasks, their gold thinking worded in `style` (world/tasks.py GOLD_STYLES);
-    -> (examples, {family: tasks used})."""
+    -> (examples, {family: tasks used}). With `reply_limit`, a question task with a gold turn longer than
+    that is left out (the agent could not write it within one reply) and counted as "over_reply_limit"."""
     from nanok2.world.tasks import make_tasks, make_trail
 
     examples, used = [], {}
@@ -127,6 +136,11 @@ def world_examples(world, toolbox, count, limit: int, mix: TaskMix, rng: random.
                 tasks = make_tasks(world, toolbox, family, hops, n, style)
             except NanoK2Error:    # a small world may not hold n distinct tasks of this kind
                 continue
+            if reply_limit is not None:
+                fit = [t for t in tasks if longest_reply(t.messages, count) <= reply_limit]
+                if len(fit) < len(tasks):
+                    used["over_reply_limit"] = used.get("over_reply_limit", 0) + len(tasks) - len(fit)
+                tasks = fit
             for t in tasks:
                 examples += agent_views(t.messages, count, limit, config)
             used[family] = used.get(family, 0) + len(tasks)

@@ -246,7 +246,8 @@ def stage_sft_data(cfg: AgentTinyConfig, out: Path) -> dict:
     used_total: dict[str, int] = {}
     n = 0
     for world, toolbox in _worlds(cfg, cfg.worlds):
-        examples, used = world_examples(world, toolbox, count, limit, TaskMix(), rng, style=cfg.gold_style)
+        examples, used = world_examples(world, toolbox, count, limit, TaskMix(), rng, style=cfg.gold_style,
+                                        reply_limit=cfg.reply_tokens)
         n += write_examples(folder / "sft.jsonl", examples, SCHEMAS)
         for k, v in used.items():
             used_total[k] = used_total.get(k, 0) + v

@@ -233,6 +233,23 @@ def test_repeated_identical_calls_get_a_note_then_a_forced_answer(toolbox):
     assert model.tool_choices == ["auto"] * 5 + ["none"]
 
 
+def test_a_cycle_of_calls_is_caught_like_a_repeat(toolbox):
+    """open A, search B, open A, ...: no call repeats in a row, yet the run is a loop."""
+    def script(prompt, step):
+        if prompt[-1]["role"] == "user" and "final answer" in prompt[-1]["content"]:
+            return answer_turn("forced")
+        call = ("search", '{"query": "river"}') if step % 2 else ("open", '{"docid": "d0001"}')
+        return k2_turn("round", calls=[(f"functions.{call[0]}:{step - 1}", call[1])])
+
+    model = ScriptedModel(script)
+    result = Agent(model, toolbox, AgentConfig(repeat_warn=3, repeat_stop=5)).run("q")
+    # the search is the odd steps' call: its fifth time is step 9
+    assert result.stop_reason == "repeated" and result.answer == "forced" and result.steps == 10
+    notes = ["this call 3 times in this run" in c for _, c in tool_outputs(result.messages)]
+    assert notes == [False] * 4 + [True] * 2 + [False] * 3
+    assert sum("Note: you have made exactly this call" in c for _, c in tool_outputs(result.messages)) == 5
+
+
 def test_budget_forces_a_final_answer_and_later_calls_are_not_run(toolbox, tmp_path):
     def script(prompt, step):
         content = "Explanation: e\nExact Answer: 42\nConfidence: 60%" if step == 4 else ""

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from nanok2.agent import Agent, AgentConfig
-from nanok2.agent_data import agent_views, encode_example, forced_ending, prompt_limit
+from nanok2.agent_data import (TaskMix, agent_views, encode_example, forced_ending, longest_reply, prompt_limit,
+                               world_examples)
 from nanok2.chat import StreamParser, render, render_ids
 from nanok2.data import ShardWriter, TokenDataset
 from nanok2.errors import NanoK2Error
@@ -125,6 +126,27 @@ def test_prompt_limit_is_the_loops():
     backend = GoldReplay([], context_tokens=2048)
     backend.max_tokens = 256
     assert Agent(backend, None).context_limit() == prompt_limit(2048, 256) == 1792
+
+
+def test_tasks_with_a_reply_over_the_limit_are_left_out(world, toolbox):
+    """A gold turn longer than one reply could not be written by the agent: such tasks stay out of SFT."""
+    import random
+    task = make_tasks(world, toolbox, "constraint", 3, 1, style="restate")[0]
+    turns = [count_chars(task.messages[:i + 1]) - count_chars(task.messages[:i])
+             for i, m in enumerate(task.messages) if m["role"] == "assistant"]
+    assert longest_reply(task.messages, count_chars) == max(turns) > len(task.messages[-1]["content"])
+    mix = TaskMix(multihop={2: 3}, constraint={3: 3}, arithmetic={}, trail_short=0, trail_medium=0, trail_long=0)
+    lengths = sorted(longest_reply(t.messages, count_chars)
+                     for family, hops in (("multihop", 2), ("constraint", 3))
+                     for t in make_tasks(world, toolbox, family, hops, 3, style="restate"))
+    cut = lengths[2]   # between the shortest and the longest: some tasks fit, some do not
+    _, used = world_examples(world, toolbox, count_chars, 10**6, mix, random.Random(0), style="restate",
+                             reply_limit=cut)
+    fit = sum(n <= cut for n in lengths)
+    assert used.get("multihop", 0) + used.get("constraint", 0) == fit
+    assert used["over_reply_limit"] == len(lengths) - fit > 0
+    _, used = world_examples(world, toolbox, count_chars, 10**6, mix, random.Random(0), style="restate")
+    assert used["multihop"] + used["constraint"] == 6 and "over_reply_limit" not in used
 
 
 @pytest.fixture(scope="module")
