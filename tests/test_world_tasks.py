@@ -93,6 +93,15 @@ def test_restated_gold_thinking(setup, family, hops):
                     assert left.startswith(queries[i]["query"])
                     searched = {q["query"] for q in queries[:i] if "query" in q}
                     assert searched.isdisjoint(left.replace(" and ", ", ").split(", "))
+            # every article is opened for what it is read for, and each condition checked on it is quoted
+            # from the page just read, then judged
+            assert all("I open it for the " in t for t, q in zip(thoughts, queries) if "docid" in q)
+            results = [m["content"] for m in r.messages if m["role"] == "tool"]
+            for i, t in enumerate(thoughts[1:]):
+                for quoted in re.findall(r'The article says: "(.*?)"', t):
+                    assert quoted in results[i]
+            judged = sum(t.count(", as the question asks.") for t in thoughts)
+            assert judged >= (hops - 1) and "meets every condition" in thoughts[-1]
         else:
             before_python = thoughts[-2]
             code = queries[-1]["code"]

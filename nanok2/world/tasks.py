@@ -214,6 +214,34 @@ def source(world: World, p: Entity, cond: tuple) -> tuple[Entity, str]:
     return p, "occupation" if kind == "occupation" else "birth_year"
 
 
+# restate style: what a person's or an employer's article is read for, per condition (and "employer" for
+# the person's link to it), in the words of multi-hop's ATTR_PHRASE and PHRASE
+CONDITION_FIELD = {"occupation": "occupation", "born_before": "year of birth", "born_after": "year of birth",
+                   "employer": "employer", "employer_before": "founding year", "employer_after": "founding year",
+                   "employer_in": "headquarters city"}
+
+
+def checking(fields: list[str], name: str) -> str:
+    """"the year of birth and the employer of X": the purpose an article is opened for."""
+    return f"{join_names(['the ' + f for f in dict.fromkeys(fields)])} of {name}"
+
+
+def check(world: World, cand: Entity, conds: list[tuple], restate: bool) -> tuple[str, tuple | None]:
+    """Check `conds` in order on what was just read -> (the thinking that quotes and judges each condition
+    that holds, the first that fails or None). In the plain style the conditions that hold go unsaid."""
+    said = ""
+    for c in conds:
+        if not holds(world, cand, c):
+            return said, c
+        if restate:
+            e, fact = source(world, cand, c)
+            # "So X was born after 1742" for the person, "So Y was founded after 1842" for the employer
+            verdict = f"{cand.name} {describe(world, c)}" if e is cand else \
+                f"{e.name} was {describe(world, c, employer=False)}"
+            said += f'The article says: "{world.rendered.facts[e.key][fact]}" So {verdict}, as the question asks. '
+    return said, None
+
+
 def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Random, style: str = "plain") -> Task:
     g = world.graph
     target = rng.choice(g.of_kind("person"))
@@ -243,24 +271,32 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     candidates = g.inverse(place.key, "birthplace")
     for k, cand in enumerate(candidates):
         facts = world.rendered.facts[cand.key]
-        read_article(rec, world, cand, note, ("occupation", "birth_year", "employer"))
-        failed = next((c for c in personal if not holds(world, cand, c)), None)
+        emp = g.related(cand, "employer")
+        wanted = [CONDITION_FIELD[c[0]] for c in personal] + (["employer"] if via_employer else [])
+        read_article(rec, world, cand, note, ("occupation", "birth_year", "employer"),
+                     checking(wanted, cand.name) if restate else None)
+        checked, failed = check(world, cand, personal, restate)
         if failed is None and via_employer:
-            emp = g.related(cand, "employer")
-            read_article(rec, world, emp, f'The article says: "{facts["employer"]}" I check {emp.name}.',
-                         ("founded", "headquarters"))
-            failed = next((c for c in via_employer if not holds(world, cand, c)), None)
+            read_article(rec, world, emp, f'{checked}The article says: "{facts["employer"]}" I check {emp.name}.',
+                         ("founded", "headquarters"),
+                         checking([CONDITION_FIELD[c[0]] for c in via_employer], emp.name) if restate else None)
+            checked, failed = check(world, cand, via_employer, restate)
         if failed:
             e, fact = source(world, cand, failed)
             note = (f'"{world.rendered.facts[e.key][fact]}" So {cand.name} is ruled out: the person sought '
                     f"{describe(world, failed)}.")
             if restate:   # the list of people born there may have left the context by now
-                note += f" Still to check: {join_names([c.name for c in candidates[k + 1:]])}."
+                note = (f"{checked}The article says: {note} "
+                        f"Still to check: {join_names([c.name for c in candidates[k + 1:]])}.")
             continue
         # matches() found exactly one person, so the first candidate who fits is the answer
         shown = [source(world, cand, c) for c in conds] + ([(cand, "employer")] if via_employer else [])
         ev = [evidence(world, e, fact) for e, fact in shown]
-        messages = rec.finish(f"{cand.name} meets every condition: {cand.name} {join_names(parts)}.",
+        # restate: the conditions were each judged as they were read, so the last thinking need not list them
+        # again (and stays within one reply's token budget)
+        done = (f"{checked}So {cand.name} meets every condition." if restate else
+                f"{cand.name} meets every condition: {cand.name} {join_names(parts)}.")
+        messages = rec.finish(done,
                               " ".join(dict.fromkeys(x["text"] for x in ev)), cand.name)
         return Task("constraint", question, cand.name, hops, messages, ev, {"conds": conds})
     raise Skip("no candidate fits")
