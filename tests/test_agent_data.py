@@ -3,6 +3,7 @@ step (checked by running the real loop on the gold turns), masks train only what
 conversations never straddle a window, and the agent-tiny recipe runs end to end at toy size."""
 import copy
 import json
+import random
 
 import numpy as np
 import pytest
@@ -130,7 +131,6 @@ def test_prompt_limit_is_the_loops():
 
 def test_tasks_with_a_reply_over_the_limit_are_left_out(world, toolbox):
     """A gold turn longer than one reply could not be written by the agent: such tasks stay out of SFT."""
-    import random
     task = make_tasks(world, toolbox, "constraint", 3, 1, style="restate")[0]
     turns = [count_chars(task.messages[:i + 1]) - count_chars(task.messages[:i])
              for i, m in enumerate(task.messages) if m["role"] == "assistant"]

@@ -215,15 +215,17 @@ def source(world: World, p: Entity, cond: tuple) -> tuple[Entity, str]:
 
 
 # restate style: what a person's or an employer's article is read for, per condition (and "employer" for
-# the person's link to it), in the words of multi-hop's ATTR_PHRASE and PHRASE
-CONDITION_FIELD = {"occupation": "occupation", "born_before": "year of birth", "born_after": "year of birth",
-                   "employer": "employer", "employer_before": "founding year", "employer_after": "founding year",
-                   "employer_in": "headquarters city"}
+# the person's link to it), taken from multi-hop's ATTR_PHRASE and PHRASE so both families word it alike
+CONDITION_FIELD = {kind: phrase.removesuffix(" of {x}") for kind, phrase in (
+    ("occupation", "the occupation of {x}"), ("born_before", ATTR_PHRASE[("person", "birth_year")]),
+    ("born_after", ATTR_PHRASE[("person", "birth_year")]), ("employer", PHRASE["employer"]),
+    ("employer_before", ATTR_PHRASE[("org", "founded")]), ("employer_after", ATTR_PHRASE[("org", "founded")]),
+    ("employer_in", PHRASE["headquarters"]))}
 
 
 def checking(fields: list[str], name: str) -> str:
     """"the year of birth and the employer of X": the purpose an article is opened for."""
-    return f"{join_names(['the ' + f for f in dict.fromkeys(fields)])} of {name}"
+    return f"{join_names(list(dict.fromkeys(fields)))} of {name}"
 
 
 def check(world: World, cand: Entity, conds: list[tuple], restate: bool) -> tuple[str, tuple | None]:
@@ -271,12 +273,12 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     candidates = g.inverse(place.key, "birthplace")
     for k, cand in enumerate(candidates):
         facts = world.rendered.facts[cand.key]
-        emp = g.related(cand, "employer")
-        wanted = [CONDITION_FIELD[c[0]] for c in personal] + (["employer"] if via_employer else [])
+        wanted = [CONDITION_FIELD[c[0]] for c in personal] + ([CONDITION_FIELD["employer"]] if via_employer else [])
         read_article(rec, world, cand, note, ("occupation", "birth_year", "employer"),
                      checking(wanted, cand.name) if restate else None)
         checked, failed = check(world, cand, personal, restate)
         if failed is None and via_employer:
+            emp = g.related(cand, "employer")
             read_article(rec, world, emp, f'{checked}The article says: "{facts["employer"]}" I check {emp.name}.',
                          ("founded", "headquarters"),
                          checking([CONDITION_FIELD[c[0]] for c in via_employer], emp.name) if restate else None)
