@@ -14,6 +14,9 @@ what this file guards against:
   would not fit, every earlier tool output is hidden (K2's rule, nanok2/context.py), then only the last
   K steps are kept, then the newest outputs are cut;
 - the same call forever: a call made N times in the run (in a row or in a cycle) gets a note, a few more end the run;
+- a turn that ends with neither a call nor an answer (tool-call markers outside a section, a reply cut at
+  its length limit, nothing at all) ending the run: the model is told what went wrong and goes on, and
+  after a few such turns it is asked for its final answer;
 - a step limit that ends without an answer: at the budget (or after the repeats) the model is asked
   for its final answer once more, and calls it still makes are not run;
 - a crash losing the run: every step is one JSONL record, written and flushed as soon as it is done.
@@ -45,11 +48,22 @@ ANSWER_FORMAT = "Explanation: {how you found it}\nExact Answer: {the answer}\nCo
 FORCE_ANSWER = {
     "budget": "You have used all your tool steps.",
     "repeated": "You keep making the same tool call, and its output will not change.",
+    "stalled": "Your replies keep ending with neither a tool call nor an answer.",
 }
 FORCE_TAIL = (" Do not call any more tools. Give your final answer now, from what you have found, "
               "in exactly three lines:\n" + ANSWER_FORMAT)
 REPEAT_NOTE = ("\n\nNote: you have made exactly this call {n} times in this run; its output will not change. "
                "Make a different call, or give your final answer.")
+# A turn that ends with neither a tool call nor an answer, and why (the model is told, and the run goes on)
+STALLED = {
+    "markers": ("Your last reply wrote tool-call markers outside a <|tool_calls_section_begin|> ... "
+                "<|tool_calls_section_end|> section, so no tool was called."),
+    "cut": "Your last reply reached the length limit before it called a tool or answered.",
+    "empty": "Your last reply neither called a tool nor answered.",
+}
+STALLED_TAIL = " Go on: call a tool, or give your final answer in exactly three lines:\n" + ANSWER_FORMAT
+CALL_MARKERS = ("<|tool_calls_section", "<|tool_call_section", "<|tool_call_begin|>",
+                "<|tool_call_argument_begin|>", "<|tool_call_end|>")
 CUT_MARKER = "\n[... {n} more characters cut ...]"
 CONFIDENCE_RE = re.compile(r"^\s*Confidence:\s*(\d+(?:\.\d+)?)\s*%?", re.MULTILINE)
 # Parser errors that concern the whole tool section: the calls are still run (their intent is clear),
@@ -65,6 +79,7 @@ class AgentConfig:
     max_steps: int = 300               # tool-calling turns before the final answer is forced (K2: 300 for BrowseComp)
     repeat_warn: int = 3               # the same call this many times in the run: a note in its output
     repeat_stop: int = 5               # ... this many: the run ends with a forced answer (in a row or in a cycle)
+    stall_stop: int = 3                # turns with neither a tool call nor an answer: then the answer is forced
     tool_timeout_s: float = 60.0       # per turn, all its calls together (the python tool has its own limit)
     max_result_chars: int = 50_000     # a tool output is cut here before the model sees it (1 MB fills any context)
     hide_keep_last: int = 1            # on overflow, outputs of the last N tool turns stay (1: the ones not read yet)
@@ -73,7 +88,7 @@ class AgentConfig:
     log_result_chars: int = 100_000    # tool outputs in the JSONL log are cut here, with a marker
 
     def validate(self) -> None:
-        for name in ("max_steps", "repeat_warn", "repeat_stop", "max_result_chars", "keep_last_steps",
+        for name in ("max_steps", "repeat_warn", "repeat_stop", "stall_stop", "max_result_chars", "keep_last_steps",
                      "log_result_chars"):
             if getattr(self, name) < 1:
                 raise NanoK2Error(f"agent config: {name} must be at least 1, got {getattr(self, name)}")
@@ -86,7 +101,7 @@ class AgentConfig:
 @dataclass
 class AgentResult:
     """What a run ended with. `stop_reason`: "final" (the model answered without calling tools),
-    "budget" / "repeated" (answer forced), "context" (even the question does not fit), "backend_error",
+    "budget" / "repeated" / "stalled" (answer forced), "context" (even the question does not fit), "backend_error",
     "interrupted" (Ctrl-C, or a bug of ours, which then propagates)."""
     question: str
     messages: list[dict]
@@ -119,6 +134,19 @@ def extract_answer(content: str | None) -> tuple[str | None, float | None]:
     """(exact answer, confidence in %) from a final message in the BrowseComp format; None where absent."""
     m = CONFIDENCE_RE.search(content or "")
     return parse_answer(content or ""), float(m.group(1)) if m else None
+
+
+def stalled_turn(content: str | None, finish_reason: str | None, errors: list[dict]) -> str | None:
+    """Why a turn without tool calls is no answer either (a key of STALLED), or None when it is a final
+    answer. A reply in prose without the three answer lines still counts as an answer."""
+    if extract_answer(content)[0] is not None:
+        return None
+    if any(e.get("kind") == "unexpected_marker" and any(m in e.get("message", "") for m in CALL_MARKERS)
+           for e in errors):
+        return "markers"   # a call the model tried to write: it counts as a tool call that did not parse
+    if finish_reason == "length":
+        return "cut"
+    return None if (content or "").strip() else "empty"
 
 
 def call_signature(call: dict) -> tuple[str, str]:
@@ -328,7 +356,7 @@ class Agent:
         count = lambda msgs: self.backend.count_tokens(msgs, schemas)  # noqa: E731
         # made: how often each call (name, canonical arguments) was made in this run. A loop need not repeat
         # one call in a row: a cycle (open A, search B, open A, ...) repeats each of its calls as often
-        hidden_before, made, forced = 0, Counter(), None
+        hidden_before, made, forced, stalls = 0, Counter(), None, 0
         start = time.perf_counter()
         try:
             while True:
@@ -366,6 +394,24 @@ class Agent:
                           "cached_tokens": usage.get("cached_tokens"), "finish_reason": reply.get("finish_reason"),
                           "seconds": round(seconds, 3), "tool_seconds": 0.0, "errors": errors, "context": action,
                           "notes": []}
+                stalled = None if calls or forced else stalled_turn(message["content"], reply.get("finish_reason"),
+                                                                    errors)
+                if stalled:  # neither a call nor an answer: say so and go on (a forced answer after a few)
+                    stalls += 1
+                    if stalled == "markers":
+                        result.tool_calls += 1
+                        record["tool_calls"].append({"id": None, "name": "", "arguments": "", "valid": False,
+                                                     "problem": "tool-call markers outside a tool-call section"})
+                    record["notes"].append(f"no tool call and no answer ({stalled}); the model was told")
+                    log.write(record)
+                    view and view.step(record)
+                    if stalls >= cfg.stall_stop:
+                        forced = "stalled"
+                    elif step >= cfg.max_steps:
+                        forced = "budget"
+                    tell = FORCE_ANSWER[forced] + FORCE_TAIL if forced else STALLED[stalled] + STALLED_TAIL
+                    messages += [message, {"role": "user", "content": tell}]
+                    continue
                 if not calls or forced:
                     if calls:  # tool_choice none: what it asked for is not run, and not kept in the conversation
                         record["ignored_tool_calls"] = calls

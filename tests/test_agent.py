@@ -63,7 +63,8 @@ class ScriptedModel:
         for e in events:
             on_event and on_event(e)
         message = parser.finish()
-        return {**message, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+        finish = "tool_calls" if message.get("tool_calls") else "stop" if text.endswith("<|im_end|>") else "length"
+        return {**message, "finish_reason": finish,
                 "usage": {"prompt_tokens": self.prompt_tokens[-1], "completion_tokens": len(text),
                           "cached_tokens": 0}}
 
@@ -186,9 +187,12 @@ def test_malformed_tool_calls_get_errors_under_their_ids(toolbox, tmp_path):
               "<|tool_call_begin|>functions.nosuch:2<|tool_call_argument_begin|>{}<|tool_call_end|>"
               '<|tool_call_begin|>functions.search:3<|tool_call_argument_begin|>{"query": 5}<|tool_call_end|>'
               '<|tool_call_begin|>functions.open:4<|tool_call_argument_begin|>{"docid": "d0001"')  # cut off
-    model = ScriptedModel([broken, "garbage <|tool_call_end|> with no calls"])
+    model = ScriptedModel([broken, "garbage <|tool_call_end|> with no calls", answer_turn("7")])
     result = Agent(model, toolbox).run("q", log_path=tmp_path / "log.jsonl")
-    assert result.steps == 2 and result.stop_reason == "final" and result.answer is None
+    assert result.steps == 3 and result.stop_reason == "final" and result.answer == "7"
+    # the second turn's markers formed no call: one more call that did not parse, and the model is told
+    assert "tool-call markers outside" in model.prompts[2][-1]["content"]
+    assert model.prompts[2][-1]["role"] == "user" and model.prompts[2][-2]["role"] == "assistant"
     outputs = tool_outputs(result.messages)
     assert [cid for cid, _ in outputs] == ["functions.search:0", "", "functions.nosuch:2", "functions.search:3",
                                            "functions.open:4"]
@@ -197,11 +201,36 @@ def test_malformed_tool_calls_get_errors_under_their_ids(toolbox, tmp_path):
     assert outputs[2][1] == "Error: there is no tool 'nosuch'; the tools are search, open, python."
     assert outputs[3][1] == "Error: search: argument 'query' must be a string."  # the tool's own words
     assert "could not be read" in outputs[4][1]
-    assert result.tool_calls == 5 and result.valid_tool_calls == 0
+    assert result.tool_calls == 6 and result.valid_tool_calls == 0
+    stalled = read_log(tmp_path / "log.jsonl")[2]
+    assert stalled["tool_calls"] == [{"id": None, "name": "", "arguments": "", "valid": False,
+                                      "problem": "tool-call markers outside a tool-call section"}]
     step = read_log(tmp_path / "log.jsonl")[1]
     assert {e["kind"] for e in step["errors"]} >= {"invalid_arguments_json", "missing_tool_call_id",
                                                     "unterminated_tool_call"}
     assert [c["valid"] for c in step["tool_calls"]] == [False] * 5
+
+
+def test_a_turn_with_neither_a_call_nor_an_answer_does_not_end_the_run(toolbox, tmp_path):
+    """A reply cut at its length limit, or one with nothing after the thinking, is no answer: the model is
+    told and goes on; after `stall_stop` such turns its final answer is forced. Prose still ends the run."""
+    cut, empty = "<think>Kafaho, Kafaho, Kafaho, Kaf", k2_turn("nothing more")
+    model = ScriptedModel([cut, empty, k2_turn("so", "It was built in 1871.")])
+    result = Agent(model, toolbox).run("q", log_path=tmp_path / "log.jsonl")
+    assert result.stop_reason == "final" and result.steps == 3 and result.tool_calls == 0
+    assert result.content == "It was built in 1871." and result.answer is None
+    assert "reached the length limit" in model.prompts[1][-1]["content"]
+    assert "neither called a tool nor answered" in model.prompts[2][-1]["content"]
+    assert [len(r["notes"]) for r in read_log(tmp_path / "log.jsonl")[1:-1]] == [1, 1, 0]
+
+    def stuck(prompt, step):
+        return answer_turn("forced") if "final answer now" in prompt[-1]["content"] else empty
+
+    model = ScriptedModel(stuck)
+    result = Agent(model, toolbox, AgentConfig(stall_stop=3)).run("q")
+    assert result.stop_reason == "stalled" and result.answer == "forced" and result.steps == 4
+    assert model.tool_choices == ["auto"] * 3 + ["none"]
+    assert "keep ending with neither a tool call nor an answer" in model.prompts[-1][-1]["content"]
 
 
 def test_check_arguments_follows_the_schema(toolbox):
@@ -497,7 +526,7 @@ def test_engine_backend_survives_a_random_model(world, toolbox, tiny_checkpoint,
     backend = EngineBackend(engine, SamplingParams(temperature=1.0, max_tokens=16, seed=0))
     question = make_tasks(world, toolbox, "trail", 2, 1)[0].question
     result = Agent(backend, toolbox, AgentConfig(max_steps=2)).run(question, SYSTEM_PROMPT, tmp_path / "log.jsonl")
-    assert result.steps >= 1 and result.stop_reason in ("final", "budget", "repeated")
+    assert result.steps >= 1 and result.stop_reason in ("final", "budget", "repeated", "stalled", "context")
     records = read_log(tmp_path / "log.jsonl")
     assert records[0]["kind"] == "start" and records[-1]["kind"] == "final"
     first = records[1]
