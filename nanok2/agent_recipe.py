@@ -45,7 +45,7 @@ class AgentTinyConfig:
     vocab_size: int = 3072           # base tokens; 256 special ids follow
     # These defaults reproduce the embedded model (models/nanok2-agent-tiny): 40 worlds, single-digit tokens,
     # first-fit SFT packing, documents alone in pre-training, tool results trained, "restate" gold thinking,
-    # 2,400 SFT steps (850 of them leave it answering nothing, 1,500 half as many multi-hop answers: README).
+    # 3,000 SFT steps (850 of them leave it answering nothing, 1,500 and 2,400 fewer multi-hop answers: README).
     split_digits: bool = True        # every digit its own token (no digit-digit merges; K2's pattern kept)
     # a capitalised word never merges with the space or quote before it, so a name from a question or a page
     # encodes the same inside a JSON argument (tokenizer.train_hf_bpe). One run with it copied worse in
@@ -72,7 +72,7 @@ class AgentTinyConfig:
     pretrain_copy_every: int = 32
     pretrain_lr: float = 1e-2
     # --- SFT on agent views, with INT4 QAT
-    sft_steps: int = 2400
+    sft_steps: int = 3000
     sft_batch: int = 2
     sft_lr: float = 2e-3
     sft_first_fit: bool = True       # pack SFT windows first-fit (less padding) instead of in order
