@@ -32,15 +32,17 @@ NS_BAND = (0.68, 1.21)
 
 # ---------------------------------------------------------------- Muon (pure functions)
 
-def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """g [..., n, m] -> an approximately semi-orthogonal matrix of the same shape (U·Vᵀ with its
-    singular values squeezed into NS_BAND), each matrix of a batch on its own. Runs in fp32.
+    singular values squeezed into NS_BAND), each matrix of a batch on its own, as fp32. The iteration runs
+    in `dtype`: bf16 is what Muon's authors use (the band tolerates its rounding), 2.5x faster here.
 
     The matrix is first scaled by its Frobenius norm so every singular value is ≤ 1; when tall it is
     transposed so the Gram matrix X·Xᵀ is the smaller of the two.
     """
     a, b, c = NS_COEFFS
-    x = g.float()
+    x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
@@ -48,7 +50,7 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
     for _ in range(steps):
         gram = x @ x.mT                                   # [..., n, n], n = the smaller side
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if tall else x
+    return (x.mT if tall else x).float()
 
 
 def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float = 0.95,
@@ -58,11 +60,11 @@ def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float =
     return grad.add(momentum, alpha=beta) if nesterov else momentum.clone()
 
 
-def orthogonalized(mats: torch.Tensor) -> torch.Tensor:
+def orthogonalized(mats: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """mats [..., n, m] -> NS5(mats) · 0.2·sqrt(max(n, m)): the update gets about the RMS of an AdamW
     update, so one learning rate serves both parameter kinds (Moonlight)."""
     n, m = mats.shape[-2:]
-    return newton_schulz5(mats) * (0.2 * math.sqrt(max(n, m)))
+    return newton_schulz5(mats, dtype=dtype) * (0.2 * math.sqrt(max(n, m)))
 
 
 def muon_update(grad: torch.Tensor, momentum: torch.Tensor, beta: float = 0.95, nesterov: bool = True) -> torch.Tensor:
@@ -220,10 +222,11 @@ class MuonClip(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], lr: float, weight_decay: float = 0.1, momentum: float = 0.95,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, qk_clip_tau: float | None = None,
-                 attention: list | None = None):
+                 attention: list | None = None, ns_dtype: torch.dtype = torch.float32):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps, muon=False)
         super().__init__(groups, defaults)
         self.qk_clip_tau = qk_clip_tau
+        self.ns_dtype = ns_dtype                  # Newton–Schulz's working precision
         self.attention = list(attention or [])
         for attn in self.attention:
             attn.track_max_logit = True
@@ -271,7 +274,7 @@ class MuonClip(torch.optim.Optimizer):
         # momentum is elementwise: this rank's rows; Newton–Schulz needs the whole matrix (all-gather)
         direction = momentum_direction(grad.float(), state["momentum"], group["momentum"])
         full = _full(direction, p.grad)
-        update = orthogonalized(as_matrices(full, name)).reshape(full.shape)
+        update = orthogonalized(as_matrices(full, name), self.ns_dtype).reshape(full.shape)
         update = _local(_like_param(update, p.grad))
         w = _local(p)
         w.mul_(1 - group["lr"] * group["weight_decay"])               # decoupled weight decay

@@ -40,6 +40,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.1
     momentum: float = 0.95                       # Muon
+    ns_dtype: str = "fp32"                       # Muon's Newton–Schulz: fp32 | bf16
     betas: tuple = (0.9, 0.95)                   # AdamW
     schedule: str = "wsd"                        # constant | wsd | cosine
     warmup: int = 20

@@ -81,7 +81,8 @@ def _prepare(cfg: TrainConfig, resume: bool, rank: int, world: int):
     args = cfg.model_args()
     for name, value, known in (("optimizer", cfg.optimizer, ("muonclip", "adamw")),
                                ("schedule", cfg.schedule, ("constant", "wsd", "cosine")),
-                               ("dtype", cfg.dtype, ("fp32", "bf16")), ("qat", cfg.qat, (None, "int4"))):
+                               ("dtype", cfg.dtype, ("fp32", "bf16")), ("ns_dtype", cfg.ns_dtype, ("fp32", "bf16")),
+                               ("qat", cfg.qat, (None, "int4"))):
         if value not in known:
             raise NanoK2Error(f"unknown {name} {value!r}; known: {', '.join(map(str, known))}")
     if cfg.batch_size % world:
@@ -131,7 +132,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     if world > 1:
         shard_model(model, world, device)
     optimizer = MuonClip.for_model(model, lr=cfg.lr, muon=cfg.optimizer == "muonclip", weight_decay=cfg.weight_decay,
-                                   momentum=cfg.momentum, betas=tuple(cfg.betas), qk_clip_tau=cfg.qk_clip_tau)
+                                   momentum=cfg.momentum, betas=tuple(cfg.betas), qk_clip_tau=cfg.qk_clip_tau,
+                                   ns_dtype=torch.bfloat16 if cfg.ns_dtype == "bf16" else torch.float32)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
 
     start = 0
