@@ -396,23 +396,7 @@ class Agent:
                           "notes": []}
                 stalled = None if calls or forced else stalled_turn(message["content"], reply.get("finish_reason"),
                                                                     errors)
-                if stalled:  # neither a call nor an answer: say so and go on (a forced answer after a few)
-                    stalls += 1
-                    if stalled == "markers":
-                        result.tool_calls += 1
-                        record["tool_calls"].append({"id": None, "name": "", "arguments": "", "valid": False,
-                                                     "problem": "tool-call markers outside a tool-call section"})
-                    record["notes"].append(f"no tool call and no answer ({stalled}); the model was told")
-                    log.write(record)
-                    view and view.step(record)
-                    if stalls >= cfg.stall_stop:
-                        forced = "stalled"
-                    elif step >= cfg.max_steps:
-                        forced = "budget"
-                    tell = FORCE_ANSWER[forced] + FORCE_TAIL if forced else STALLED[stalled] + STALLED_TAIL
-                    messages += [message, {"role": "user", "content": tell}]
-                    continue
-                if not calls or forced:
+                if not stalled and (not calls or forced):
                     if calls:  # tool_choice none: what it asked for is not run, and not kept in the conversation
                         record["ignored_tool_calls"] = calls
                         record["notes"].append("tool calls after the forced answer were not run")
@@ -423,17 +407,31 @@ class Agent:
                     result.answer, result.confidence = extract_answer(message["content"])
                     result.stop_reason = forced or "final"
                     break
-                message["tool_calls"] = calls
-                messages.append(message)
-                repeats = self._act(calls, errors, by_name, record, messages, result, made)
+                repeats = 0
+                if stalled:  # neither a call nor an answer: the model is told, and after a few its answer forced
+                    stalls += 1
+                    if stalled == "markers":
+                        result.tool_calls += 1
+                        record["tool_calls"].append({"id": None, "name": "", "arguments": "", "valid": False,
+                                                     "problem": "tool-call markers outside a tool-call section"})
+                    record["notes"].append(f"no tool call and no answer ({stalled}); the model was told")
+                    messages.append(message)
+                else:
+                    message["tool_calls"] = calls
+                    messages.append(message)
+                    repeats = self._act(calls, errors, by_name, record, messages, result, made)
                 log.write(record)
                 view and view.step(record)
-                if repeats >= cfg.repeat_stop:
+                if stalls >= cfg.stall_stop:
+                    forced = "stalled"
+                elif repeats >= cfg.repeat_stop:
                     forced = "repeated"
                 elif step >= cfg.max_steps:
                     forced = "budget"
                 if forced:
                     messages.append({"role": "user", "content": FORCE_ANSWER[forced] + FORCE_TAIL})
+                elif stalled:
+                    messages.append({"role": "user", "content": STALLED[stalled] + STALLED_TAIL})
         except BaseException as e:  # Ctrl-C, or a bug of ours: the log says so before it propagates
             result.stop_reason, result.error = "interrupted", f"{type(e).__name__}: {e}"
             raise
