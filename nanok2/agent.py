@@ -62,8 +62,7 @@ STALLED = {
     "empty": "Your last reply neither called a tool nor answered.",
 }
 STALLED_TAIL = " Go on: call a tool, or give your final answer in exactly three lines:\n" + ANSWER_FORMAT
-CALL_MARKERS = ("<|tool_calls_section", "<|tool_call_section", "<|tool_call_begin|>",
-                "<|tool_call_argument_begin|>", "<|tool_call_end|>")
+CALL_MARKER_PREFIX = "<|tool_call"   # every spelling of a K2 tool-call marker the parser knows (chat_parse)
 CUT_MARKER = "\n[... {n} more characters cut ...]"
 CONFIDENCE_RE = re.compile(r"^\s*Confidence:\s*(\d+(?:\.\d+)?)\s*%?", re.MULTILINE)
 # Parser errors that concern the whole tool section: the calls are still run (their intent is clear),
@@ -141,8 +140,7 @@ def stalled_turn(content: str | None, finish_reason: str | None, errors: list[di
     answer. A reply in prose without the three answer lines still counts as an answer."""
     if extract_answer(content)[0] is not None:
         return None
-    if any(e.get("kind") == "unexpected_marker" and any(m in e.get("message", "") for m in CALL_MARKERS)
-           for e in errors):
+    if any(e.get("kind") == "unexpected_marker" and CALL_MARKER_PREFIX in e.get("message", "") for e in errors):
         return "markers"   # a call the model tried to write: it counts as a tool call that did not parse
     if finish_reason == "length":
         return "cut"

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanok2.checkpoint import parse_dtype
 from nanok2.errors import NanoK2Error
 from nanok2.recipes import PIPELINES, RECIPES, TrainConfig, apply_overrides, get_recipe
 
@@ -133,7 +134,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         shard_model(model, world, device)
     optimizer = MuonClip.for_model(model, lr=cfg.lr, muon=cfg.optimizer == "muonclip", weight_decay=cfg.weight_decay,
                                    momentum=cfg.momentum, betas=tuple(cfg.betas), qk_clip_tau=cfg.qk_clip_tau,
-                                   ns_dtype=torch.bfloat16 if cfg.ns_dtype == "bf16" else torch.float32)
+                                   ns_dtype=parse_dtype(cfg.ns_dtype))
     moes = [m for m in model.modules() if isinstance(m, MoE)]
 
     start = 0
