@@ -283,8 +283,12 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask)
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, mask=None):
-        return self.lm_head(self.hidden_states(input_ids, positions, mask))
+    def forward(self, input_ids, positions=None, mask=None, scored=None):
+        """`scored` (bool [B, T]): logits only at those positions -> [N, V], in row-major order. Training
+        uses it to skip the lm_head and softmax where the loss weight is 0 (two thirds of SFT's tokens: the
+        system prompt, the tool specs, the user turns and the padding)."""
+        h = self.hidden_states(input_ids, positions, mask)
+        return self.lm_head(h if scored is None else h[scored])
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> "Transformer":

@@ -169,10 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             counts = [torch.zeros(args.n_routed_experts, dtype=torch.long) for _ in moes]
             for b in batches:
                 x, y, mask = b.inputs.to(device), b.targets.to(device), b.mask.to(device)
-                with autocast:
-                    logits = model(x)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-                token_loss = (ce * mask.flatten()).sum()
+                token_loss = weighted_loss(model, x, y, mask, autocast)
                 loss = token_loss * (world / max(n_tokens, 1.0))
                 if cfg.seq_aux_alpha > 0:
                     aux = sum(sequence_balance_loss(m.last_router_probs, m.last_topk, cfg.seq_aux_alpha) for m in moes)
@@ -242,16 +239,23 @@ def _all_rng_states(world: int) -> list[torch.Tensor]:
     return states
 
 
+def weighted_loss(model, inputs, targets, weights, autocast) -> torch.Tensor:
+    """Sum over positions of weight x cross-entropy (inputs, targets, weights [B, T]), the model run under
+    `autocast` and the loss in fp32; the logits are computed only where the weight is not 0."""
+    scored = weights > 0
+    with autocast:
+        logits = model(inputs, scored=scored)                               # [N, V]
+    ce = F.cross_entropy(logits.float(), targets[scored], reduction="none")
+    return (ce * weights[scored]).sum()
+
+
 @torch.no_grad()
 def evaluate(model, data, per_rank: int, device, autocast) -> float:
     """Mean loss over the held-out windows (every rank runs the same batches; FSDP needs them in step)."""
     model.eval()
     total, count = 0.0, 0.0
     for b in data.eval_batches(per_rank):
-        with autocast:
-            logits = model(b.inputs.to(device))
-        ce = F.cross_entropy(logits.float().flatten(0, 1), b.targets.to(device).flatten(), reduction="none")
-        total += float((ce * b.mask.to(device).flatten()).sum())
+        total += float(weighted_loss(model, b.inputs.to(device), b.targets.to(device), b.mask.to(device), autocast))
         count += float(b.mask.sum())
     model.train()
     return total / max(count, 1.0)

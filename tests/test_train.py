@@ -189,6 +189,37 @@ def test_bad_data_and_sft_with_masks(dataset, tmp_path):
         train(bad_init)
 
 
+def test_the_loss_scores_only_weighted_positions_and_matches_the_full_logits():
+    """weighted_loss skips the lm_head where the weight is 0; its loss and every gradient equal the
+    weighted cross-entropy over the full logits (SFT's integer weights, 0 included)."""
+    import contextlib
+
+    from nanok2.train import weighted_loss
+
+    cfg = apply_overrides(get_recipe("tiny-sft").stages[0], ["preset=tiny", "model={}"])
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 17))
+    x, y = ids[:, :-1], ids[:, 1:]
+    weights = torch.randint(0, 3, (2, 16)).to(torch.uint8) * 2          # 0, 2 and 4
+    weights[1] = 0                                                       # a row with nothing trained
+    losses, grads = [], []
+    for fast in (True, False):
+        model = build_model(cfg.model_args(), seed=0)
+        if fast:
+            loss = weighted_loss(model, x, y, weights, contextlib.nullcontext())
+            assert model(x, scored=weights > 0).shape == (int((weights > 0).sum()), model.lm_head.out_features)
+        else:
+            ce = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
+            loss = (ce * weights.flatten()).sum()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] > 0 and torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
 def test_cost_command(capsys):
     assert main(["cost", "--preset", "kimi-k2-thinking", "--tokens", "15.5e12"]) == 0
     out = capsys.readouterr().out
