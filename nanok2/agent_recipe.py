@@ -67,8 +67,9 @@ class AgentTinyConfig:
     # --- pre-training on documents, with the copying curriculum (curriculum.py): windows growing from 32
     # tokens to pretrain_seq_len at 2,048 tokens a step, a span copied forward per pretrain_copy_every tokens.
     # 16 (the embedded model) against 32: held-out loss 1.95 against 1.85 on plain documents, but copies at
-    # 192 tokens cost 1.59 nats a token against 2.00, SFT's held-out loss drops by step 300 instead of 1,100,
-    # and 58.5% of 200 multi-hop questions are answered against 52.0% (README, "Agent model")
+    # 192 tokens cost 1.59 nats a token (2.00 in an earlier run with 32), SFT's held-out loss drops by step
+    # 300 instead of 1,100, and 58.5% of 200 multi-hop questions are answered against 52.0% (README, "Agent
+    # model")
     pretrain_steps: int = 2400
     pretrain_seq_len: int = 512
     pretrain_batch: int = 4
