@@ -60,6 +60,9 @@ class AgentTinyConfig:
     # (world/reading_order.py), so a window's next article is about a name the one before it wrote;
     # "corpus" keeps the docid order, where neighbours are unrelated
     pretrain_order: str = "corpus"
+    # the share of each pre-training world's entity articles framed as the agent reads them (purpose line,
+    # article, the quoted sentence and what it gives: world/reading_notes.py); 0 leaves the documents bare
+    pretrain_reading_notes: float = 0.0
     context: int = 2048              # the model's context (max_position_embeddings), prompt and reply
     reply_tokens: int = 256          # max tokens of one model turn (generation_config.json)
     # --- model
@@ -116,6 +119,8 @@ def apply_overrides(cfg: AgentTinyConfig, overrides: list[str]) -> AgentTinyConf
         raise NanoK2Error(f"sft_loss_weights: {e}") from None
     if cfg.gold_style not in GOLD_STYLES:
         raise NanoK2Error(f"gold_style={cfg.gold_style!r}; known: {', '.join(GOLD_STYLES)}")
+    if not 0.0 <= cfg.pretrain_reading_notes <= 1.0:
+        raise NanoK2Error(f"pretrain_reading_notes={cfg.pretrain_reading_notes} is a share of articles: 0 to 1")
     if cfg.pretrain_order not in PRETRAIN_ORDERS:
         raise NanoK2Error(f"pretrain_order={cfg.pretrain_order!r}; known: {', '.join(PRETRAIN_ORDERS)}")
     return cfg
@@ -157,6 +162,7 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
     """Pre-training documents (JSONL) and the tokenizer's text: documents plus gold conversations."""
     from nanok2.chat import render
     from nanok2.world import make_tasks
+    from nanok2.world.reading_notes import noted_documents
     from nanok2.world.reading_order import linked_order
     from nanok2.world.tools import SCHEMAS
 
@@ -168,8 +174,12 @@ def stage_text(cfg: AgentTinyConfig, out: Path) -> dict:
             if k < cfg.pretrain_worlds:
                 ordered = (linked_order(world.corpus.docs, random.Random(f"agent-tiny:order:{cfg.seed}:{world.seed}"))
                            if cfg.pretrain_order == "linked" else world.corpus.docs)
+                text = {d.docid: d.text for d in world.corpus.docs}
+                if cfg.pretrain_reading_notes > 0:
+                    rng = random.Random(f"agent-tiny:notes:{cfg.seed}:{world.seed}")
+                    text = dict(zip(text, noted_documents(world, rng, cfg.pretrain_reading_notes)))
                 for d in ordered:
-                    f_docs.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
+                    f_docs.write(json.dumps({"text": text[d.docid]}, ensure_ascii=False) + "\n")
                 docs += len(ordered)
             if k < cfg.tokenizer_worlds:
                 for d in world.corpus.docs:
