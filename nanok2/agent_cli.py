@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from nanok2.errors import NanoK2Error
-from nanok2.world.tasks import FAMILIES  # light: already imported by `nanok2 world`'s registration
+from nanok2.world.tasks import FAMILIES, GOLD_STYLES  # light: already imported by `nanok2 world`'s registration
 from nanok2.world.world import DEFAULT_SIZE
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "nanok2-agent-tiny"
@@ -64,7 +64,8 @@ def register(subparsers) -> None:
     _loop_args(agent)
     agent.set_defaults(func=run_agent)
 
-    ev = subparsers.add_parser("eval", help="evaluate the agent (world) or a model's copying from context (copy)")
+    ev = subparsers.add_parser("eval", help="evaluate the agent (world), a model's copying from context (copy) "
+                                            "or its pick of the sentence to quote (quote)")
     sub = ev.add_subparsers(dest="eval_command", metavar="SUITE", required=True)
     world = sub.add_parser("world", help="exact-answer accuracy on generated tasks of an unseen world")
     world.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="the world (use seeds not trained on)")
@@ -93,6 +94,19 @@ def register(subparsers) -> None:
     copy.add_argument("--seed", type=int, default=0)
     copy.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     copy.set_defaults(func=run_eval_copy)
+
+    quote = sub.add_parser("quote", help="does a model quote the page sentence it opened the page for? "
+                                         "teacher-forced on gold multi-hop trajectories")
+    quote.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                       help="a checkpoint folder with its tokenizer (default: the embedded model)")
+    quote.add_argument("--world", type=int, default=DEFAULT_EVAL_SEED, help="the world of the tasks (unseen)")
+    quote.add_argument("--size", type=int, default=DEFAULT_SIZE, help="documents of that world")
+    quote.add_argument("--hops", type=int, default=2, help="multi-hop tasks of this many hops")
+    quote.add_argument("--n", type=int, default=50, help="tasks (each quotes once per hop)")
+    quote.add_argument("--style", choices=GOLD_STYLES, default="restate",
+                       help="the gold thinking's wording (the one the model was trained on)")
+    quote.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    quote.set_defaults(func=run_eval_quote)
 
 
 # ---- building the parts ----------------------------------------------------------------------------
@@ -203,6 +217,12 @@ def run_agent(args) -> int:
 
 def run_eval_copy(args) -> int:
     from nanok2.copy_probe import run_eval_copy as run
+
+    return run(args)
+
+
+def run_eval_quote(args) -> int:
+    from nanok2.quote_probe import run_eval_quote as run
 
     return run(args)
 
