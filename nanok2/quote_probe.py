@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from nanok2.errors import NanoK2Error
+from nanok2.kv_cache import common_prefix
 
 QUOTE_OPEN = 'The article says: "'
 SENTENCE = re.compile(r"\S[^.]*\.(?=\s|$)")   # page sentences end with a full stop (numbers use commas)
@@ -65,17 +66,10 @@ def quote_points(messages: list[dict], tools: list[dict]) -> list[QuotePoint]:
         candidates = page_sentences(messages[i - 1].get("content") or "")
         if gold not in candidates:
             continue
-        prompt = render(messages[:i], tools, add_generation_prompt=True)
-        prefix = prompt + ("" if prompt.endswith("<think>") else "<think>") + thinking[:at + len(QUOTE_OPEN)]
+        # the generation prompt ends at <|im_middle|>: the model writes <think> itself, as in training
+        prefix = render(messages[:i], tools, add_generation_prompt=True) + "<think>" + thinking[:at + len(QUOTE_OPEN)]
         points.append(QuotePoint(prefix, candidates, candidates.index(gold)))
     return points
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def score_candidates(logits_fn: Callable[[torch.Tensor], torch.Tensor], encode: Callable[[str], list[int]],
@@ -87,7 +81,7 @@ def score_candidates(logits_fn: Callable[[torch.Tensor], torch.Tensor], encode: 
     """
     bare = encode(point.prefix)
     full = [encode(point.prefix + c + '"') for c in point.candidates]
-    start = max(1, min(_common_prefix(bare, f) for f in full))
+    start = max(1, min(common_prefix(bare, f) for f in full))
     length = max(len(f) for f in full)
     ids = torch.tensor([f + [0] * (length - len(f)) for f in full])         # [C, T], right-padded
     logp = torch.log_softmax(logits_fn(ids[:, :-1]).float(), dim=-1)         # [C, T-1, V]
