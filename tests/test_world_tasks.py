@@ -152,6 +152,46 @@ def test_three_hundred_hop_trail():
     assert parse_answer(task.messages[-1]["content"]) == task.answer
 
 
+@pytest.mark.parametrize("hops", [2, 3, 4, 5])
+def test_compared_constraint_verdicts(setup, hops):
+    """The "compare" style is "restate" with each constraint verdict written after the question's value and
+    the page's, side by side; the values are the question's and the graph's, and the verdict follows them."""
+    world, tools = setup
+    for family in ("multihop", "arithmetic"):
+        assert [t.messages for t in make_tasks(world, tools, family, 2, 2, style="compare")] == \
+            [t.messages for t in make_tasks(world, tools, family, 2, 2, style="restate")]
+    restated = make_tasks(world, tools, "constraint", hops, 3, style="restate")
+    for r, c in zip(restated, make_tasks(world, tools, "constraint", hops, 3, style="compare")):
+        assert (r.question, r.answer, r.evidence) == (c.question, c.answer, c.evidence)
+        strip = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in r.messages]
+        assert strip == [{k: v for k, v in m.items() if k != "reasoning_content"} for m in c.messages]
+        assert replay(tools, c.messages) == [] and verify(world, c) == []
+        people = {e.name: e for e in world.graph.of_kind("person")}
+        orgs = {e.name: e for e in world.graph.of_kind("org")}
+        thoughts = " ".join(m["reasoning_content"] for m in c.messages if m["role"] == "assistant")
+        verdicts = re.findall(r"The question asks for (someone who|an organisation) ([^;]*); ([^.]*)\.( So (.*?) is "
+                              r"ruled out\.)?", thoughts)
+        assert verdicts and thoughts.count("The article says: ") == len(verdicts) + thoughts.count(" I check ")
+        ruled_out = [v[4] for v in verdicts if v[3]]
+        assert c.answer not in ruled_out and len(ruled_out) == len(set(ruled_out))
+        assert len(verdicts) - len(ruled_out) >= hops - 1
+        for who, sought, found, failed, _ in verdicts:
+            assert (sought if who == "someone who" else sought.split(" ", 1)[1]) in c.question
+            assert found.endswith(", as the question asks") != bool(failed)
+            name = re.match(r"(.*?) (was|is) ", found).group(1)
+            entity = people.get(name) or orgs[name]
+            if year := re.search(r" in (\d+), (before|after|not before|not after) (\d+)", found):
+                value = entity.attrs["birth_year" if entity.kind == "person" else "founded"]
+                assert int(year[1]) == value and year[2] == ("before" if value < int(year[3]) else
+                                                             "after" if value > int(year[3]) else year[2])
+                assert (year[2] in sought) != bool(failed)      # "after 1829" asked and "after 1829" found
+            elif entity.kind == "person":
+                assert found.startswith(f"{name} was a") and entity.attrs["occupation"] in found.split(",")[0]
+            else:
+                city = world.graph.related(entity, "headquarters").name
+                assert found.startswith(f"{name} is headquartered in {city}")
+
+
 def test_bad_requests(setup):
     world, tools = setup
     with pytest.raises(NanoK2Error, match="unknown"):

@@ -32,8 +32,11 @@ DEFAULT_HOPS = {"multihop": 2, "constraint": 3, "trail": 5, "arithmetic": 2}
 # phrase and narrows it after each hop ("Now the question asks for the founding year of the employer of Y"),
 # constraint thinking keeps the conditions and the candidates left, arithmetic thinking the numbers read so
 # far. A step's context may have lost the question's earlier steps (agent.fit_context), so the last thinking
-# is the agent's only memory of them.
-GOLD_STYLES = ("plain", "restate")
+# is the agent's only memory of them. "compare" is "restate" with constraint verdicts written out: after the
+# quote, the question's value and the page's side by side ("The question asks for someone who worked as a
+# historian; X was an engineer, not a historian."), so the verdict is read off two adjacent values instead of
+# a page value and a question far up the context.
+GOLD_STYLES = ("plain", "restate", "compare")
 
 
 @dataclass
@@ -147,7 +150,7 @@ def make_multihop(world: World, toolbox: Toolbox, hops: int, rng: random.Random,
     answer = answer_text(cur.attrs[attr])
     rec = Recorder(toolbox, question)
 
-    restate = style == "restate"
+    restate = style in ("restate", "compare")
     why = (f"The question asks for {sought(0)}. It starts from {start.name}." if restate else
            f"The question starts from {start.name}.")
     sentences = []
@@ -228,19 +231,44 @@ def checking(fields: list[str], name: str) -> str:
     return f"{join_names(list(dict.fromkeys(fields)))} of {name}"
 
 
-def check(world: World, cand: Entity, conds: list[tuple], restate: bool) -> tuple[str, tuple | None]:
+def comparison(world: World, cand: Entity, cond: tuple) -> str:
+    """compare style: the question's value, then the page's, then how they relate -> "The question asks for
+    an organisation founded before 1907; Y was founded in 1920, after 1907" (a verdict follows)."""
+    kind, value = cond
+    e, _ = source(world, cand, cond)
+    sought = f"someone who {describe(world, cond)}" if e is cand else \
+        f"an organisation {describe(world, cond, employer=False)}"
+    if kind == "occupation":
+        found = f"{cand.name} was {with_article(e.attrs['occupation'])}"
+        if not holds(world, cand, cond):
+            found += f", not {with_article(str(value))}"
+    elif kind == "employer_in":
+        found = f"{e.name} is headquartered in {world.graph.related(e, 'headquarters').name}"
+        if not holds(world, cand, cond):
+            found += f", not in {world.graph.entities[value].name}"
+    else:   # a year against a limit: "born in 1838, after 1829"; the same year is "not after 1829"
+        year = e.attrs["birth_year" if e is cand else "founded"]
+        side = "before" if year < value else "after" if year > value else f"not {kind.rsplit('_', 1)[1]}"
+        found = f"{e.name} was {'born' if e is cand else 'founded'} in {year}, {side} {value}"
+    return f"The question asks for {sought}; {found}"
+
+
+def check(world: World, cand: Entity, conds: list[tuple], style: str) -> tuple[str, tuple | None]:
     """Check `conds` in order on what was just read -> (the thinking that quotes and judges each condition
     that holds, the first that fails or None). In the plain style the conditions that hold go unsaid."""
     said = ""
     for c in conds:
         if not holds(world, cand, c):
             return said, c
-        if restate:
-            e, fact = source(world, cand, c)
+        e, fact = source(world, cand, c)
+        quote = f'The article says: "{world.rendered.facts[e.key][fact]}"'
+        if style == "compare":
+            said += f"{quote} {comparison(world, cand, c)}, as the question asks. "
+        elif style == "restate":
             # "So X was born after 1742" for the person, "So Y was founded after 1842" for the employer
             verdict = f"{cand.name} {describe(world, c)}" if e is cand else \
                 f"{e.name} was {describe(world, c, employer=False)}"
-            said += f'The article says: "{world.rendered.facts[e.key][fact]}" So {verdict}, as the question asks. '
+            said += f"{quote} So {verdict}, as the question asks. "
     return said, None
 
 
@@ -261,7 +289,7 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     parts = question_parts(world, conds)
     question = f"Which person {join_names(parts)}? Give the full name."
     rec = Recorder(toolbox, question)
-    restate = style == "restate"
+    restate = style in ("restate", "compare")
     why = f"Whoever it is was born in {place.name}, so I first list the people born there."
     if restate:
         why = f"The question asks for the person who {join_names(parts)}. {why}"
@@ -276,17 +304,18 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
         wanted = [CONDITION_FIELD[c[0]] for c in personal] + ([CONDITION_FIELD["employer"]] if via_employer else [])
         read_article(rec, world, cand, note, ("occupation", "birth_year", "employer"),
                      checking(wanted, cand.name) if restate else None)
-        checked, failed = check(world, cand, personal, restate)
+        checked, failed = check(world, cand, personal, style)
         if failed is None and via_employer:
             emp = g.related(cand, "employer")
             read_article(rec, world, emp, f'{checked}The article says: "{facts["employer"]}" I check {emp.name}.',
                          ("founded", "headquarters"),
                          checking([CONDITION_FIELD[c[0]] for c in via_employer], emp.name) if restate else None)
-            checked, failed = check(world, cand, via_employer, restate)
+            checked, failed = check(world, cand, via_employer, style)
         if failed:
             e, fact = source(world, cand, failed)
-            note = (f'"{world.rendered.facts[e.key][fact]}" So {cand.name} is ruled out: the person sought '
-                    f"{describe(world, failed)}.")
+            why_not = (f"{comparison(world, cand, failed)}. So {cand.name} is ruled out." if style == "compare" else
+                       f"So {cand.name} is ruled out: the person sought {describe(world, failed)}.")
+            note = f'"{world.rendered.facts[e.key][fact]}" {why_not}'
             if restate:   # the list of people born there may have left the context by now
                 note = (f"{checked}The article says: {note} "
                         f"Still to check: {join_names([c.name for c in candidates[k + 1:]])}.")
@@ -378,7 +407,7 @@ def make_arithmetic(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     task = Task("arithmetic", question, "", hops, [], [], spec)
     answer = solve(world, task)
     rec = Recorder(toolbox, question)
-    restate = style == "restate"
+    restate = style in ("restate", "compare")
     said, why = [], "I need each number from its document first."
     if restate:
         why = f"The question asks for {sought}. {why}"
