@@ -45,6 +45,14 @@ def prompt_tokens(messages: list[dict], tokenizer, tools: list[dict] | None) -> 
     return len(ids)
 
 
+def reply_tokens(messages: list[dict], tokenizer, tools: list[dict] | None) -> int:
+    """The tokens the model generates for the assistant message that ends `messages`, `<think>` to
+    `<|im_end|>`: what one reply's max_tokens must hold. (A prompt count of `messages` would not do for a
+    final answer: the template drops the reasoning of a finished turn.)"""
+    ids, _ = render_ids(messages, tokenizer, tools)
+    return len(ids) - prompt_tokens(messages[:-1], tokenizer, tools)
+
+
 class EngineBackend:
     """nanok2's Engine: the K2 chat format rendered to ids, generated, parsed while streaming.
 

@@ -114,21 +114,24 @@ class TaskMix:
     long_views: int = 6           # single-step views kept per long trail (they all look alike)
 
 
-def longest_reply(messages: list[dict], count) -> int:
-    """Tokens of the longest assistant turn of `messages`, as the prompt grows by it (with the generation
-    prompt that follows it: a few tokens more than the turn itself)."""
-    return max((count(messages[:i + 1]) - count(messages[:i]) for i, m in enumerate(messages)
-                if m.get("role") == "assistant"), default=0)
+def longest_reply(messages: list[dict], turn_tokens) -> int:
+    """Tokens of the longest assistant turn of `messages`; `turn_tokens(messages[:i + 1])` counts the turn that
+    ends them as the model generates it (agent_backends.reply_tokens)."""
+    return max((turn_tokens(messages[:i + 1]) for i, m in enumerate(messages) if m.get("role") == "assistant"),
+               default=0)
 
 
 def world_examples(world, toolbox, count, limit: int, mix: TaskMix, rng: random.Random,
                    config: AgentConfig | None = None, style: str = "plain",
-                   reply_limit: int | None = None) -> tuple[list[Example], dict]:
+                   reply_limit: int | None = None, turn_tokens=None) -> tuple[list[Example], dict]:
     """Examples from one world's tasks, their gold thinking worded in `style` (world/tasks.py GOLD_STYLES);
     -> (examples, {family: tasks used}). With `reply_limit`, a question task with a gold turn longer than
-    that is left out (the agent could not write it within one reply) and counted as "over_reply_limit"."""
+    that (counted by `turn_tokens`, see longest_reply) is left out (the agent could not write it within one
+    reply) and counted as "over_reply_limit"."""
     from nanok2.world.tasks import make_tasks, make_trail
 
+    if reply_limit is not None and turn_tokens is None:
+        raise NanoK2Error("reply_limit needs turn_tokens, the count of one generated turn")
     examples, used = [], {}
     for family in ("multihop", "constraint", "arithmetic"):
         for hops, n in getattr(mix, family).items():
@@ -137,7 +140,7 @@ def world_examples(world, toolbox, count, limit: int, mix: TaskMix, rng: random.
             except NanoK2Error:    # a small world may not hold n distinct tasks of this kind
                 continue
             if reply_limit is not None:
-                fit = [t for t in tasks if longest_reply(t.messages, count) <= reply_limit]
+                fit = [t for t in tasks if longest_reply(t.messages, turn_tokens) <= reply_limit]
                 if len(fit) < len(tasks):
                     used["over_reply_limit"] = used.get("over_reply_limit", 0) + len(tasks) - len(fit)
                 tasks = fit

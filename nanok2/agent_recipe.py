@@ -250,7 +250,7 @@ def stage_tokenizer(cfg: AgentTinyConfig, out: Path) -> dict:
 def stage_sft_data(cfg: AgentTinyConfig, out: Path) -> dict:
     """Every training world's tasks, cut into agent views (agent_data.world_examples)."""
     from nanok2.agent_data import TaskMix, prompt_limit, world_examples, write_examples
-    from nanok2.agent_backends import prompt_tokens
+    from nanok2.agent_backends import prompt_tokens, reply_tokens
     from nanok2.tokenizer import Tokenizer
     from nanok2.world.tools import SCHEMAS
 
@@ -266,7 +266,8 @@ def stage_sft_data(cfg: AgentTinyConfig, out: Path) -> dict:
     n = 0
     for world, toolbox in _worlds(cfg, cfg.worlds):
         examples, used = world_examples(world, toolbox, count, limit, TaskMix(), rng, style=cfg.gold_style,
-                                        reply_limit=cfg.reply_tokens)
+                                        reply_limit=cfg.reply_tokens,
+                                        turn_tokens=lambda messages: reply_tokens(messages, tok, SCHEMAS))
         n += write_examples(folder / "sft.jsonl", examples, SCHEMAS)
         for k, v in used.items():
             used_total[k] = used_total.get(k, 0) + v

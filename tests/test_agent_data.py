@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nanok2.agent import Agent, AgentConfig
+from nanok2.agent_backends import reply_tokens
 from nanok2.agent_data import (TaskMix, agent_views, encode_example, forced_ending, longest_reply, prompt_limit,
                                world_examples)
 from nanok2.chat import StreamParser, render, render_ids
@@ -129,24 +130,34 @@ def test_prompt_limit_is_the_loops():
     assert Agent(backend, None).context_limit() == prompt_limit(2048, 256) == 1792
 
 
-def test_tasks_with_a_reply_over_the_limit_are_left_out(world, toolbox):
-    """A gold turn longer than one reply could not be written by the agent: such tasks stay out of SFT."""
+def test_tasks_with_a_reply_over_the_limit_are_left_out(world, toolbox, byte_tokenizer):
+    """A gold turn longer than one reply could not be written by the agent: such tasks stay out of SFT. A turn
+    counts as generated, reasoning included, the final answer too (whose reasoning a prompt would drop)."""
+    def turn_tokens(messages):
+        return reply_tokens(messages, byte_tokenizer, SCHEMAS)
+
     task = make_tasks(world, toolbox, "constraint", 3, 1, style="restate")[0]
-    turns = [count_chars(task.messages[:i + 1]) - count_chars(task.messages[:i])
-             for i, m in enumerate(task.messages) if m["role"] == "assistant"]
-    assert longest_reply(task.messages, count_chars) == max(turns) > len(task.messages[-1]["content"])
+    final = task.messages[-1]
+    ids, mask = render_ids(task.messages, byte_tokenizer, SCHEMAS)
+    generated = len(ids) - len(render_ids(task.messages[:-1], byte_tokenizer, SCHEMAS, add_generation_prompt=True)[0])
+    assert turn_tokens(task.messages) == generated == sum(1 for m in mask[-generated:] if m)
+    assert generated > len(final["reasoning_content"].encode()) + len(final["content"].encode())
+    turns = [turn_tokens(task.messages[:i + 1]) for i, m in enumerate(task.messages) if m["role"] == "assistant"]
+    assert longest_reply(task.messages, turn_tokens) == max(turns)
     mix = TaskMix(multihop={2: 3}, constraint={3: 3}, arithmetic={}, trail_short=0, trail_medium=0, trail_long=0)
-    lengths = sorted(longest_reply(t.messages, count_chars)
+    lengths = sorted(longest_reply(t.messages, turn_tokens)
                      for family, hops in (("multihop", 2), ("constraint", 3))
                      for t in make_tasks(world, toolbox, family, hops, 3, style="restate"))
     cut = lengths[2]   # between the shortest and the longest: some tasks fit, some do not
     _, used = world_examples(world, toolbox, count_chars, 10**6, mix, random.Random(0), style="restate",
-                             reply_limit=cut)
+                             reply_limit=cut, turn_tokens=turn_tokens)
     fit = sum(n <= cut for n in lengths)
     assert used.get("multihop", 0) + used.get("constraint", 0) == fit
     assert used["over_reply_limit"] == len(lengths) - fit > 0
     _, used = world_examples(world, toolbox, count_chars, 10**6, mix, random.Random(0), style="restate")
     assert used["multihop"] + used["constraint"] == 6 and "over_reply_limit" not in used
+    with pytest.raises(NanoK2Error, match="reply_limit needs turn_tokens"):
+        world_examples(world, toolbox, count_chars, 10**6, mix, random.Random(0), reply_limit=cut)
 
 
 @pytest.fixture(scope="module")

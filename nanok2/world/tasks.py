@@ -33,9 +33,9 @@ DEFAULT_HOPS = {"multihop": 2, "constraint": 3, "trail": 5, "arithmetic": 2}
 # constraint thinking keeps the conditions and the candidates left, arithmetic thinking the numbers read so
 # far. A step's context may have lost the question's earlier steps (agent.fit_context), so the last thinking
 # is the agent's only memory of them. "compare" is "restate" with constraint verdicts written out: after the
-# quote, the question's value and the page's side by side ("The question asks for someone who worked as a
-# historian; X was an engineer, not a historian."), so the verdict is read off two adjacent values instead of
-# a page value and a question far up the context.
+# quote, the question's value and the page's side by side ("Asked: worked as a historian. Found: was an
+# engineer, not a historian."), so the verdict is read off two adjacent values instead of a page value and a
+# question far up the context.
 GOLD_STYLES = ("plain", "restate", "compare")
 
 
@@ -232,25 +232,24 @@ def checking(fields: list[str], name: str) -> str:
 
 
 def comparison(world: World, cand: Entity, cond: tuple) -> str:
-    """compare style: the question's value, then the page's, then how they relate -> "The question asks for
-    an organisation founded before 1907; Y was founded in 1920, after 1907" (a verdict follows)."""
+    """compare style: the question's value, then the page's, then how they relate -> "Asked: founded before
+    1907. Found: founded in 1920, after 1907" (a verdict follows). Names are left out: the quote just before
+    gives them, and a final turn with three verdicts must stay within one reply."""
     kind, value = cond
     e, _ = source(world, cand, cond)
-    sought = f"someone who {describe(world, cond)}" if e is cand else \
-        f"an organisation {describe(world, cond, employer=False)}"
     if kind == "occupation":
-        found = f"{cand.name} was {with_article(e.attrs['occupation'])}"
+        found = f"was {with_article(e.attrs['occupation'])}"
         if not holds(world, cand, cond):
             found += f", not {with_article(str(value))}"
     elif kind == "employer_in":
-        found = f"{e.name} is headquartered in {world.graph.related(e, 'headquarters').name}"
+        found = f"headquartered in {world.graph.related(e, 'headquarters').name}"
         if not holds(world, cand, cond):
             found += f", not in {world.graph.entities[value].name}"
-    else:   # a year against a limit: "born in 1838, after 1829"; the same year is "not after 1829"
+    else:   # a year against a limit: "was born in 1838, after 1829"; the same year is "not after 1829"
         year = e.attrs["birth_year" if e is cand else "founded"]
         side = "before" if year < value else "after" if year > value else f"not {kind.rsplit('_', 1)[1]}"
-        found = f"{e.name} was {'born' if e is cand else 'founded'} in {year}, {side} {value}"
-    return f"The question asks for {sought}; {found}"
+        found = f"{'was born' if e is cand else 'founded'} in {year}, {side} {value}"
+    return f"Asked: {describe(world, cond, employer=False)}. Found: {found}"
 
 
 def check(world: World, cand: Entity, conds: list[tuple], style: str) -> tuple[str, tuple | None]:
