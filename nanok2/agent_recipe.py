@@ -88,7 +88,8 @@ class AgentTinyConfig:
     # documents the tools return, in the agent's own format (a name in them is often copied from the query)
     sft_loss_weights: list = field(default_factory=lambda: [4, 1])
     # the gold thinking's wording (world/tasks.py GOLD_STYLES): "restate" carries what is still sought from
-    # step to step; it changes the tokenizer's text, the SFT data and any pre-training conversations
+    # step to step; "compare" also writes each constraint verdict after the two values (not better: README);
+    # it changes the SFT data and any pre-training conversations
     gold_style: str = "restate"
     qat: str | None = "int4"
     # Muon's Newton–Schulz in both trainings: "fp32" (the embedded model) or "bf16" (0.08 s a step instead of
