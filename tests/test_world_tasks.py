@@ -6,7 +6,7 @@ import pytest
 
 from nanok2.errors import NanoK2Error
 from nanok2.world import FAMILIES, Toolbox, build_world, make_tasks, normalize_answer, parse_answer, replay, verify
-from nanok2.world.tasks import matches
+from nanok2.world.tasks import CODE_NAME, matches
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2])
@@ -195,6 +195,67 @@ def test_compared_constraint_verdicts(setup, hops):
             else:
                 city = world.graph.related(entity, "headquarters").name
                 assert found.startswith(f"headquartered in {city}") and (city in sought) != bool(failed)
+
+
+@pytest.mark.parametrize("hops", [2, 3, 4, 5])
+def test_computed_constraint_verdicts(setup, hops):
+    """The "compute" style is "restate" with each constraint verdict computed by the python tool after the
+    article is read: the program holds the page's values (the graph's) and the question's, prints True or
+    False, and the next thinking rules the person out exactly when it printed False."""
+    world, tools = setup
+    for family in ("multihop", "arithmetic"):
+        assert [t.messages for t in make_tasks(world, tools, family, 2, 2, style="compute")] == \
+            [t.messages for t in make_tasks(world, tools, family, 2, 2, style="restate")]
+    by_docid = {d: world.graph.entities[k] for k, d in world.rendered.entity_docid.items()}
+    restated = make_tasks(world, tools, "constraint", hops, 3, style="restate")
+    for r, c in zip(restated, make_tasks(world, tools, "constraint", hops, 3, style="compute")):
+        assert (r.question, r.answer, r.evidence) == (c.question, c.answer, c.evidence)
+        assert replay(tools, c.messages) == [] and verify(world, c) == []
+
+        def reads(messages):
+            return [(call["function"]["name"], call["function"]["arguments"]) for m in messages
+                    for call in m.get("tool_calls") or [] if call["function"]["name"] != "python"]
+        assert reads(c.messages) == reads(r.messages)
+        turns = [m for m in c.messages if m["role"] == "assistant"]
+        results = {m["tool_call_id"]: m["content"] for m in c.messages if m["role"] == "tool"}
+        printed, tested, opened = [], set(), None
+        for turn, after in zip(turns, turns[1:]):
+            call = turn["tool_calls"][0]
+            args = json.loads(call["function"]["arguments"])
+            if call["function"]["name"] == "open":
+                opened = by_docid[args["docid"]]
+                continue
+            if call["function"]["name"] != "python":
+                continue
+            out = results[call["id"]].strip()
+            lines = args["code"].splitlines()
+            values = dict(re.fullmatch(r"(\w+) = (.+)", line).groups() for line in lines[:-1])
+            graph = {"occupation": lambda e: json.dumps(e.attrs["occupation"]), "born": lambda e: str(e.attrs["birth_year"]),
+                     "founded": lambda e: str(e.attrs["founded"]),
+                     "headquarters": lambda e: json.dumps(world.graph.related(e, "headquarters").name)}
+            assert values and all(v == graph[name](opened) for name, v in values.items())
+            tests = re.fullmatch(r"print\((.*)\)", lines[-1])[1].split(" and ")
+            for test in tests:
+                name, op, asked = re.fullmatch(r"(\w+) (==|<|>) (.+)", test).groups()
+                assert name in values
+                tested.add(name)
+                phrase = {"occupation": "worked as an? ", "born": "was born " + {"<": "before ", ">": "after "}.get(op, ""),
+                          "founded": "founded " + {"<": "before ", ">": "after "}.get(op, ""),
+                          "headquarters": "headquartered in "}[name]
+                assert re.search(phrase + re.escape(asked.strip('"')) + r"\b", c.question), (test, c.question)
+            scope = {}
+            exec("\n".join(lines[:-1]), scope)
+            assert out == str(eval(lines[-1].removeprefix("print"), scope))   # what the program says it prints
+            assert after["reasoning_content"].startswith(f"The program printed {out}.")
+            ruled_out = "is ruled out" in after["reasoning_content"]
+            assert ruled_out == (out == "False") and f"So {c.answer} is ruled out" not in after["reasoning_content"]
+            printed.append(out)
+            if ruled_out:
+                tested = set()
+        assert printed.count("False") == sum("Still to check: " in t["reasoning_content"] for t in turns)
+        assert turns[-1]["reasoning_content"] == f"The program printed True. So {c.answer} meets every condition."
+        # every condition but the birthplace (all candidates are born there) was computed for the answer
+        assert tested == {CODE_NAME[kind] for kind, _ in c.spec["conds"][1:]}
 
 
 def test_bad_requests(setup):

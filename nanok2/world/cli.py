@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     tasks.add_argument("--n", type=int, default=1)
     tasks.add_argument("--style", choices=GOLD_STYLES, default="plain",
                        help="the gold thinking's wording: restate carries what is still sought from step to step; "
-                            "compare also writes each constraint verdict after the two values it compares")
+                            "compare also writes each constraint verdict after the two values it compares; "
+                            "compute has the python tool compute it")
     tasks.add_argument("--json", action="store_true", help="one JSON object per line")
     tasks.add_argument("--context-chars", type=int,
                        help="also give `views`: the contexts seen when tool outputs overflow this many characters")

@@ -12,6 +12,7 @@ present in the document it is said to be in.
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
@@ -35,8 +36,12 @@ DEFAULT_HOPS = {"multihop": 2, "constraint": 3, "trail": 5, "arithmetic": 2}
 # is the agent's only memory of them. "compare" is "restate" with constraint verdicts written out: after the
 # quote, the question's value and the page's side by side ("Asked: worked as a historian. Found: was an
 # engineer, not a historian."), so the verdict is read off two adjacent values instead of a page value and a
-# question far up the context.
-GOLD_STYLES = ("plain", "restate", "compare")
+# question far up the context. "compute" is "restate" with constraint verdicts computed by the python tool:
+# after an article is read, a program holds the page's values and tests them against the question's
+# (`born = 1838` / `print(occupation == "historian" and born < 1850)`), and the verdict follows what it
+# printed, so the model copies values and reads one word instead of comparing them itself.
+GOLD_STYLES = ("plain", "restate", "compare", "compute")
+RESTATING = ("restate", "compare", "compute")   # the styles that carry what is still sought
 
 
 @dataclass
@@ -150,7 +155,7 @@ def make_multihop(world: World, toolbox: Toolbox, hops: int, rng: random.Random,
     answer = answer_text(cur.attrs[attr])
     rec = Recorder(toolbox, question)
 
-    restate = style in ("restate", "compare")
+    restate = style in RESTATING
     why = (f"The question asks for {sought(0)}. It starts from {start.name}." if restate else
            f"The question starts from {start.name}.")
     sentences = []
@@ -252,6 +257,38 @@ def comparison(world: World, cand: Entity, cond: tuple) -> str:
     return f"Asked: {describe(world, cond, employer=False)}. Found: {found}"
 
 
+# compute style: the variable a page's value is held in, and the test of it against the question's value
+CODE_NAME = {"occupation": "occupation", "born_before": "born", "born_after": "born", "employer_before": "founded",
+             "employer_after": "founded", "employer_in": "headquarters"}
+CODE_TEST = {"occupation": "==", "born_before": "<", "born_after": ">", "employer_before": "<",
+             "employer_after": ">", "employer_in": "=="}
+
+
+def check_code(world: World, cand: Entity, conds: list[tuple]) -> str:
+    """compute style: a program that prints whether `cand` meets every one of `conds` (all on one article:
+    the person's, or the employer's) -> 'founded = 1888\nheadquarters = "Velmora"\nprint(founded < 1907 and
+    headquarters == "Kastel")'. The page's values are variables, the question's are literals."""
+    values, tests = {}, []
+    for kind, value in conds:
+        e, _ = source(world, cand, (kind, value))
+        if kind == "occupation":
+            page, asked = e.attrs["occupation"], str(value)
+        elif kind == "employer_in":
+            page, asked = world.graph.related(e, "headquarters").name, world.graph.entities[value].name
+        else:
+            page, asked = e.attrs["birth_year" if e is cand else "founded"], value
+        name = CODE_NAME[kind]
+        values[name] = page
+        tests.append(f"{name} {CODE_TEST[kind]} {literal(asked)}")
+    lines = [f"{name} = {literal(value)}" for name, value in values.items()]
+    return "\n".join(lines + [f"print({' and '.join(tests)})"])
+
+
+def literal(value) -> str:
+    """A Python literal for a year or a word, strings in double quotes as JSON writes them."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value)
+
+
 def check(world: World, cand: Entity, conds: list[tuple], style: str) -> tuple[str, tuple | None]:
     """Check `conds` in order on what was just read -> (the thinking that quotes and judges each condition
     that holds, the first that fails or None). In the plain style the conditions that hold go unsaid."""
@@ -273,6 +310,21 @@ def check(world: World, cand: Entity, conds: list[tuple], style: str) -> tuple[s
     return said, None
 
 
+def compute_check(rec: Recorder, world: World, cand: Entity, conds: list[tuple]) -> tuple[str, tuple | None]:
+    """compute style: test `conds` on the article just read with the python tool -> ("The program printed
+    True. ", None) or (..., the first condition that fails). With no conditions there is nothing to run."""
+    if not conds:
+        return "", None
+    e, _ = source(world, cand, conds[0])
+    asked = checking([CONDITION_FIELD[c[0]] for c in conds], e.name)
+    out = rec.call(f"I check {asked} against the question with python.", "python",
+                   {"code": check_code(world, cand, conds)}).strip()
+    failed = next((c for c in conds if not holds(world, cand, c)), None)
+    if out != str(failed is None):
+        raise Skip(f"python printed {out!r} for {cand.name}, expected {failed is None}")
+    return f"The program printed {out}. ", failed
+
+
 def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Random, style: str = "plain") -> Task:
     g = world.graph
     target = rng.choice(g.of_kind("person"))
@@ -290,7 +342,7 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     parts = question_parts(world, conds)
     question = f"Which person {join_names(parts)}? Give the full name."
     rec = Recorder(toolbox, question)
-    restate = style in ("restate", "compare")
+    restate = style in RESTATING
     why = f"Whoever it is was born in {place.name}, so I first list the people born there."
     if restate:
         why = f"The question asks for the person who {join_names(parts)}. {why}"
@@ -305,21 +357,27 @@ def make_constraint(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
         wanted = [CONDITION_FIELD[c[0]] for c in personal] + ([CONDITION_FIELD["employer"]] if via_employer else [])
         read_article(rec, world, cand, note, ("occupation", "birth_year", "employer"),
                      checking(wanted, cand.name) if restate else None)
-        checked, failed = check(world, cand, personal, style)
+        checked, failed = (compute_check(rec, world, cand, personal) if style == "compute" else
+                           check(world, cand, personal, style))
         if failed is None and via_employer:
             emp = g.related(cand, "employer")
             read_article(rec, world, emp, f'{checked}The article says: "{facts["employer"]}" I check {emp.name}.',
                          ("founded", "headquarters"),
                          checking([CONDITION_FIELD[c[0]] for c in via_employer], emp.name) if restate else None)
-            checked, failed = check(world, cand, via_employer, style)
+            checked, failed = (compute_check(rec, world, cand, via_employer) if style == "compute" else
+                               check(world, cand, via_employer, style))
         if failed:
-            e, fact = source(world, cand, failed)
-            why_not = (f"{comparison(world, cand, failed)}. So {cand.name} is ruled out." if style == "compare" else
-                       f"So {cand.name} is ruled out: the person sought {describe(world, failed)}.")
-            note = f'"{world.rendered.facts[e.key][fact]}" {why_not}'
+            if style == "compute":
+                note = f"{checked}So {cand.name} is ruled out."
+            else:
+                e, fact = source(world, cand, failed)
+                why_not = (f"{comparison(world, cand, failed)}. So {cand.name} is ruled out." if style == "compare"
+                           else f"So {cand.name} is ruled out: the person sought {describe(world, failed)}.")
+                note = f'"{world.rendered.facts[e.key][fact]}" {why_not}'
+                if restate:
+                    note = f"{checked}The article says: {note}"
             if restate:   # the list of people born there may have left the context by now
-                note = (f"{checked}The article says: {note} "
-                        f"Still to check: {join_names([c.name for c in candidates[k + 1:]])}.")
+                note += f" Still to check: {join_names([c.name for c in candidates[k + 1:]])}."
             continue
         # matches() found exactly one person, so the first candidate who fits is the answer
         shown = [source(world, cand, c) for c in conds] + ([(cand, "employer")] if via_employer else [])
@@ -408,7 +466,7 @@ def make_arithmetic(world: World, toolbox: Toolbox, hops: int, rng: random.Rando
     task = Task("arithmetic", question, "", hops, [], [], spec)
     answer = solve(world, task)
     rec = Recorder(toolbox, question)
-    restate = style in ("restate", "compare")
+    restate = style in RESTATING
     said, why = [], "I need each number from its document first."
     if restate:
         why = f"The question asks for {sought}. {why}"
