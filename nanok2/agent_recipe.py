@@ -89,7 +89,8 @@ class AgentTinyConfig:
     sft_loss_weights: list = field(default_factory=lambda: [4, 1])
     # the gold thinking's wording (world/tasks.py GOLD_STYLES): "restate" carries what is still sought from
     # step to step; "compare" also writes each constraint verdict after the two values (not better: README);
-    # "compute" has the python tool compute each constraint verdict; it changes the SFT data and any pre-training conversations
+    # "compute" has the python tool compute each constraint verdict (not better either); it changes the SFT
+    # data and any pre-training conversations
     gold_style: str = "restate"
     qat: str | None = "int4"
     # Muon's Newton–Schulz in both trainings: "fp32" (the embedded model) or "bf16" (0.08 s a step instead of

@@ -230,8 +230,8 @@ def test_computed_constraint_verdicts(setup, hops):
             out = results[call["id"]].strip()
             lines = args["code"].splitlines()
             values = dict(re.fullmatch(r"(\w+) = (.+)", line).groups() for line in lines[:-1])
-            graph = {"occupation": lambda e: json.dumps(e.attrs["occupation"]), "born": lambda e: str(e.attrs["birth_year"]),
-                     "founded": lambda e: str(e.attrs["founded"]),
+            graph = {"occupation": lambda e: json.dumps(e.attrs["occupation"]),
+                     "born": lambda e: str(e.attrs["birth_year"]), "founded": lambda e: str(e.attrs["founded"]),
                      "headquarters": lambda e: json.dumps(world.graph.related(e, "headquarters").name)}
             assert values and all(v == graph[name](opened) for name, v in values.items())
             tests = re.fullmatch(r"print\((.*)\)", lines[-1])[1].split(" and ")
@@ -239,9 +239,9 @@ def test_computed_constraint_verdicts(setup, hops):
                 name, op, asked = re.fullmatch(r"(\w+) (==|<|>) (.+)", test).groups()
                 assert name in values
                 tested.add(name)
-                phrase = {"occupation": "worked as an? ", "born": "was born " + {"<": "before ", ">": "after "}.get(op, ""),
-                          "founded": "founded " + {"<": "before ", ">": "after "}.get(op, ""),
-                          "headquarters": "headquartered in "}[name]
+                relation = {"<": "before ", ">": "after "}.get(op, "")
+                phrase = {"occupation": "worked as an? ", "born": "was born " + relation,
+                          "founded": "founded " + relation, "headquarters": "headquartered in "}[name]
                 assert re.search(phrase + re.escape(asked.strip('"')) + r"\b", c.question), (test, c.question)
             scope = {}
             exec("\n".join(lines[:-1]), scope)
