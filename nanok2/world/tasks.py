@@ -236,24 +236,31 @@ def checking(fields: list[str], name: str) -> str:
     return f"{join_names(list(dict.fromkeys(fields)))} of {name}"
 
 
+def condition_values(world: World, cand: Entity, cond: tuple) -> tuple:
+    """(the page's value, the question's) for `cond` on `cand`: occupations as words, headquarters as city
+    names (unique in a world), years as numbers."""
+    kind, value = cond
+    e, _ = source(world, cand, cond)
+    if kind == "occupation":
+        return e.attrs["occupation"], str(value)
+    if kind == "employer_in":
+        return world.graph.related(e, "headquarters").name, world.graph.entities[value].name
+    return e.attrs["birth_year" if e is cand else "founded"], value
+
+
 def comparison(world: World, cand: Entity, cond: tuple) -> str:
     """compare style: the question's value, then the page's, then how they relate -> "Asked: founded before
     1907. Found: founded in 1920, after 1907" (a verdict follows). Names are left out: the quote just before
     gives them, and a final turn with three verdicts must stay within one reply."""
-    kind, value = cond
-    e, _ = source(world, cand, cond)
+    kind = cond[0]
+    page, asked = condition_values(world, cand, cond)
     if kind == "occupation":
-        found = f"was {with_article(e.attrs['occupation'])}"
-        if e.attrs["occupation"] != value:
-            found += f", not {with_article(str(value))}"
+        found = f"was {with_article(page)}" + (f", not {with_article(asked)}" if page != asked else "")
     elif kind == "employer_in":
-        found = f"headquartered in {world.graph.related(e, 'headquarters').name}"
-        if e.rels["headquarters"] != value:
-            found += f", not in {world.graph.entities[value].name}"
+        found = f"headquartered in {page}" + (f", not in {asked}" if page != asked else "")
     else:   # a year against a limit: "was born in 1838, after 1829"; the same year is "not after 1829"
-        year = e.attrs["birth_year" if e is cand else "founded"]
-        side = "before" if year < value else "after" if year > value else f"not {kind.rsplit('_', 1)[1]}"
-        found = f"{'was born' if e is cand else 'founded'} in {year}, {side} {value}"
+        side = "before" if page < asked else "after" if page > asked else f"not {kind.rsplit('_', 1)[1]}"
+        found = f"{'was born' if kind.startswith('born') else 'founded'} in {page}, {side} {asked}"
     return f"Asked: {describe(world, cond, employer=False)}. Found: {found}"
 
 
@@ -269,17 +276,11 @@ def check_code(world: World, cand: Entity, conds: list[tuple]) -> str:
     the person's, or the employer's) -> 'founded = 1888\nheadquarters = "Velmora"\nprint(founded < 1907 and
     headquarters == "Kastel")'. The page's values are variables, the question's are literals."""
     values, tests = {}, []
-    for kind, value in conds:
-        e, _ = source(world, cand, (kind, value))
-        if kind == "occupation":
-            page, asked = e.attrs["occupation"], str(value)
-        elif kind == "employer_in":
-            page, asked = world.graph.related(e, "headquarters").name, world.graph.entities[value].name
-        else:
-            page, asked = e.attrs["birth_year" if e is cand else "founded"], value
-        name = CODE_NAME[kind]
+    for cond in conds:
+        page, asked = condition_values(world, cand, cond)
+        name = CODE_NAME[cond[0]]
         values[name] = page
-        tests.append(f"{name} {CODE_TEST[kind]} {literal(asked)}")
+        tests.append(f"{name} {CODE_TEST[cond[0]]} {literal(asked)}")
     lines = [f"{name} = {literal(value)}" for name, value in values.items()]
     return "\n".join(lines + [f"print({' and '.join(tests)})"])
 
