@@ -249,7 +249,9 @@ def run_eval_world(args) -> int:
         print(f"[{row['task'] + 1}/{total}] {mark} {row['steps']} steps, {row['tool_calls']} calls "
               f"({row['valid_tool_calls']} valid), {row['prompt_tokens']:,}+{row['completion_tokens']:,} tokens, "
               f"{row['seconds']:.1f} s, {row['stop_reason']}; gold documents opened in order "
-              f"{row['evidence_followed']}/{row['evidence_docs']}; answer {row['answer']!r}, gold {row['gold']!r}"
+              f"{row['evidence_followed']}/{row['evidence_docs']}"
+              + (f", sentences quoted {row['evidence_quoted']}/{row['evidence_sentences']}" if "evidence_quoted" in row
+                 else "") + f"; answer {row['answer']!r}, gold {row['gold']!r}"
               + (f" (world {row['seed']})" if len(seeds) > 1 else ""), flush=True)
 
     start, rows, hops = time.perf_counter(), [], None
@@ -273,7 +275,10 @@ def run_eval_world(args) -> int:
               f"{summary['mean_steps']:.1f} steps and {summary['mean_tool_calls']:.1f} tool calls per task "
               f"(gold {summary['mean_gold_tool_calls']:.1f}); gold documents opened in order "
               f"{summary['evidence_followed']:.0%} (median {summary['median_evidence_followed']:g} of "
-              f"{summary['median_evidence_docs']:g}); valid calls "
+              f"{summary['median_evidence_docs']:g}); "
+              + (f"gold sentences quoted {summary['evidence_quoted']:.0%}; " if "evidence_quoted" in summary else "")
+              + "wrong runs: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["wrong"].items())
+                                  or "none") + "; valid calls "
               + (f"{rate:.1%}" if rate is not None else "n/a (no calls)")
               + f"; {summary['prompt_tokens']:,} prompt ({summary['cached_tokens']:,} cached) + "
               f"{summary['completion_tokens']:,} generated tokens; {summary['seconds']:.1f} s")

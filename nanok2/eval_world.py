@@ -15,6 +15,10 @@ from pathlib import Path
 
 from nanok2.world.trajectories import normalize_answer
 
+# the families whose gold thinking quotes every evidence sentence word for word (a trail's names the next
+# docid instead); a test checks it on the gold trajectories
+QUOTING_FAMILIES = ("multihop", "constraint", "arithmetic")
+
 # What a model may wrap an answer in that does not change it: quotes, markdown emphasis, end punctuation.
 _WRAPPING = " \t\n\"'`*_.,;:!?"
 
@@ -65,6 +69,28 @@ def evidence_followed(chain: list[str], opened: list[str]) -> int:
     return n
 
 
+def evidence_quoted(evidence: list[dict], messages: list[dict]) -> int:
+    """How many of a task's gold evidence sentences the run's own turns (thinking or reply) write word for
+    word: a run can open the right page and still take its fact from the wrong sentence. Verbatim, as this
+    project's gold thinking quotes (`The article says: "..."`); a model that paraphrases scores 0 here."""
+    written = "\n".join(str(m.get(key) or "") for m in messages if m.get("role") == "assistant"
+                        for key in ("reasoning_content", "content"))
+    return sum(text in written for text in dict.fromkeys(e["text"] for e in evidence))
+
+
+def where_wrong(row: dict) -> str:
+    """The first stage a wrong run fell short at: no answer, a gold document not opened, a gold sentence
+    not quoted, or every sentence quoted and the answer still wrong (on trails, whose thinking names the
+    next docid instead of quoting: every document opened and the answer still wrong)."""
+    if row["answer"] is None:
+        return "no_answer"
+    if row["evidence_followed"] < row["evidence_docs"]:
+        return "not_opened"
+    if "evidence_quoted" in row and row["evidence_quoted"] < row["evidence_sentences"]:
+        return "not_quoted"
+    return "quoted_all" if "evidence_quoted" in row else "opened_all"
+
+
 def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path | None = None,
              on_task=None, first: int = 0) -> list[dict]:
     """Run `agent` on each task; -> one row per task, numbered from `first`. `on_task(row)` is called as
@@ -78,6 +104,9 @@ def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path 
                "answer": result.answer, "correct": is_correct(result.answer, task.answer),
                "gold_tool_calls": sum(len(m.get("tool_calls") or []) for m in task.messages),
                "evidence_docs": len(chain), "evidence_followed": evidence_followed(chain, opened_docids(result.messages)),
+               **({"evidence_sentences": len({e["text"] for e in task.evidence}),
+                   "evidence_quoted": evidence_quoted(task.evidence, result.messages)}
+                  if task.family in QUOTING_FAMILIES else {}),
                **{k: v for k, v in result.summary().items() if k not in ("question", "answer", "content")}}
         rows.append(row)
         on_task and on_task(row)
@@ -88,7 +117,9 @@ def summarize(rows: list[dict], seconds: float | None = None) -> dict:
     """The figures of an eval: accuracy (over all tasks), its 95% half-width, the share of runs that
     ended with an answer (`completed`), steps and tool calls per task, the share of well-formed calls
     (None when no call was made), the gold evidence documents opened in order (`evidence_followed`: the
-    mean share; its median count beside the median count there was to open), token totals and time."""
+    mean share; its median count beside the median count there was to open), the gold sentences written
+    word for word (`evidence_quoted`: the mean share), where the wrong runs fell short (`wrong`, where_wrong),
+    token totals and time."""
     n = len(rows)
     if n == 0:
         return {"n": 0, "accuracy": 0.0, "completed": 0.0, "mean_tool_calls": 0.0, "valid_tool_call_rate": None}
@@ -106,6 +137,10 @@ def summarize(rows: list[dict], seconds: float | None = None) -> dict:
         **({"evidence_followed": sum(r["evidence_followed"] / max(r["evidence_docs"], 1) for r in rows) / n,
             "median_evidence_followed": statistics.median(r["evidence_followed"] for r in rows),
             "median_evidence_docs": statistics.median(r["evidence_docs"] for r in rows)}
+           if all("evidence_docs" in r for r in rows) else {}),
+        **({"evidence_quoted": sum(r["evidence_quoted"] / max(r["evidence_sentences"], 1) for r in rows) / n}
+           if all("evidence_quoted" in r for r in rows) else {}),
+        **({"wrong": dict(Counter(where_wrong(r) for r in rows if not r["correct"]))}
            if all("evidence_docs" in r for r in rows) else {}),
         "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "cached_tokens": sum(r["cached_tokens"] for r in rows),

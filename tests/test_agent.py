@@ -6,6 +6,7 @@ it writes raw K2 text for each turn, read back through the real StreamParser, as
 """
 import copy
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +20,8 @@ from nanok2.agent_view import TerminalView
 from nanok2.chat import StreamParser, render
 from nanok2.cli import main
 from nanok2.context import PLACEHOLDER
-from nanok2.eval_world import answer_key, evidence_chain, evidence_followed, is_correct, opened_docids, summarize
+from nanok2.eval_world import (QUOTING_FAMILIES, answer_key, evidence_chain, evidence_followed, evidence_quoted,
+                               is_correct, opened_docids, summarize, where_wrong)
 from nanok2.world import SYSTEM_PROMPT, Toolbox, build_world, make_tasks
 
 
@@ -426,6 +428,46 @@ def test_eval_counts_the_gold_documents_a_run_opened_in_order():
     assert (s["median_evidence_followed"], s["median_evidence_docs"]) == (2, 4)
 
 
+def test_eval_counts_the_gold_sentences_a_run_quoted_and_where_wrong_runs_fell_short():
+    ev = [{"docid": "d1", "text": "A worked for B."}, {"docid": "d2", "text": "B was founded in 1801."},
+          {"docid": "d2", "text": "B was founded in 1801."}]                  # one sentence named twice counts once
+    messages = [{"role": "user", "content": "A worked for B. B was founded in 1801."},   # the question's words
+                {"role": "assistant", "reasoning_content": 'The article says: "A worked for B." So ...'},
+                {"role": "tool", "content": "B was founded in 1801."},                  # read, not written
+                {"role": "assistant", "content": "Exact Answer: 1802"}]
+    assert evidence_quoted(ev, messages) == 1
+    messages.append({"role": "assistant", "content": "Explanation: B was founded in 1801.\nExact Answer: 1801"})
+    assert evidence_quoted(ev, messages) == 2
+    row = {"answer": "x", "correct": False, "evidence_docs": 2, "evidence_followed": 2, "evidence_sentences": 2}
+    assert where_wrong({**row, "answer": None, "evidence_followed": 0, "evidence_quoted": 0}) == "no_answer"
+    assert where_wrong({**row, "evidence_followed": 1, "evidence_quoted": 2}) == "not_opened"
+    assert where_wrong({**row, "evidence_quoted": 1}) == "not_quoted"
+    assert where_wrong({**row, "evidence_quoted": 2}) == "quoted_all"
+    trail = {k: v for k, v in row.items() if k != "evidence_sentences"}        # trails are not scored on quotes
+    assert where_wrong(trail) == "opened_all"
+    base = {"steps": 1, "tool_calls": 1, "valid_tool_calls": 1, "gold_tool_calls": 4, "prompt_tokens": 1,
+            "cached_tokens": 0, "completion_tokens": 1, "seconds": 1.0, "stop_reason": "final"}
+    s = summarize([{**base, **row, "evidence_quoted": 1}, {**base, **row, "evidence_quoted": 2},
+                   {**base, **row, "evidence_quoted": 2, "correct": True}])
+    assert s["evidence_quoted"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert s["wrong"] == {"not_quoted": 1, "quoted_all": 1}
+
+
+def test_the_gold_of_quoting_families_writes_every_evidence_sentence():
+    """`evidence_quoted` scores a run against what the gold agent does: quote each evidence sentence."""
+    from nanok2.world import Toolbox, build_world, make_tasks
+    from nanok2.world.tasks import GOLD_STYLES
+
+    world = build_world(1001, 600)
+    toolbox = Toolbox(world.corpus)
+    for family in QUOTING_FAMILIES:
+        for style in GOLD_STYLES:
+            for task in make_tasks(world, toolbox, family, None, 3, style):
+                assert evidence_quoted(task.evidence, task.messages) == len({e["text"] for e in task.evidence})
+    trail = make_tasks(world, toolbox, "trail", 3, 1)[0]
+    assert evidence_quoted(trail.evidence, trail.messages) == 0       # it names the next docid instead
+
+
 # ---- OpenAI-compatible servers -------------------------------------------------------------------------
 
 def test_openai_message_conversion():
@@ -614,6 +656,13 @@ def test_eval_world_and_agent_commands_on_a_tiny_checkpoint(tiny_checkpoint, tmp
     assert [(r["task"], r["seed"]) for r in rows] == [(0, 1000), (1, 1001)]
     assert summary["n"] == 2 and summary["worlds"] == 2 and summary["seed"] == 1000
     assert sorted(p.name for p in (tmp_path / "logs2").iterdir()) == ["task-000.jsonl", "task-001.jsonl"]
+    # the readable report: per task and in all, the gold sentences quoted and where the wrong runs fell short
+    assert main(["eval", "world", "--seed", "1000", "--size", "300", "--family", "multihop", "--n", "1",
+                 "--max-steps", "4", *common]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"sentences quoted \d/2", out) and re.search(r"gold sentences quoted \d+%", out)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert "wrong runs: none" in out if summary["accuracy"] == 1 else sum(summary["wrong"].values()) == 1
     assert main(["eval", "world", "--worlds", "0", "--family", "trail", *common]) == 2
     assert "--worlds 0: evaluate on at least one world" in capsys.readouterr().err
     assert main(["agent", "--task", "trail", "--hops", "1", "--world", "1000", "--size", "300", "--quiet",
