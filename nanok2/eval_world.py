@@ -69,26 +69,41 @@ def evidence_followed(chain: list[str], opened: list[str]) -> int:
     return n
 
 
+def _written(messages: list[dict]) -> str:
+    """All the run's own text: the thinking and the replies of its assistant turns."""
+    return "\n".join(str(m.get(key) or "") for m in messages if m.get("role") == "assistant"
+                     for key in ("reasoning_content", "content"))
+
+
 def evidence_quoted(evidence: list[dict], messages: list[dict]) -> int:
     """How many of a task's gold evidence sentences the run's own turns (thinking or reply) write word for
     word: a run can open the right page and still take its fact from the wrong sentence. Verbatim, as this
     project's gold thinking quotes (`The article says: "..."`); a model that paraphrases scores 0 here."""
-    written = "\n".join(str(m.get(key) or "") for m in messages if m.get("role") == "assistant"
-                        for key in ("reasoning_content", "content"))
+    written = _written(messages)
     return sum(text in written for text in dict.fromkeys(e["text"] for e in evidence))
 
 
+def first_miss(evidence: list[dict], messages: list[dict], quoting: bool) -> str | None:
+    """The first gold step, along the evidence, that the run did not take: "not_opened" (the sentence's
+    document never opened) or "not_quoted" (opened, its sentence not written word for word; checked only
+    when `quoting`). A wrong sentence taken at the first hop sends the run to the wrong second page, so the
+    order matters: that run missed a quote, not a page. None when every step was taken."""
+    opened, written = set(opened_docids(messages)), _written(messages)
+    for e in evidence:
+        if e["docid"] not in opened:
+            return "not_opened"
+        if quoting and e["text"] not in written:
+            return "not_quoted"
+    return None
+
+
 def where_wrong(row: dict) -> str:
-    """The first stage a wrong run fell short at: no answer, a gold document not opened, a gold sentence
-    not quoted, or every sentence quoted and the answer still wrong (on trails, whose thinking names the
-    next docid instead of quoting: every document opened and the answer still wrong)."""
+    """Where a wrong run fell short: no answer, else its first missed gold step (first_miss), else the
+    answer is wrong though every gold sentence was quoted (on trails, whose thinking names the next docid
+    instead of quoting: every note opened)."""
     if row["answer"] is None:
         return "no_answer"
-    if row["evidence_followed"] < row["evidence_docs"]:
-        return "not_opened"
-    if "evidence_quoted" in row and row["evidence_quoted"] < row["evidence_sentences"]:
-        return "not_quoted"
-    return "quoted_all" if "evidence_quoted" in row else "opened_all"
+    return row["first_miss"] or ("quoted_all" if "evidence_quoted" in row else "opened_all")
 
 
 def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path | None = None,
@@ -107,6 +122,7 @@ def evaluate(agent, tasks: list, system_prompt: str | None, log_dir: str | Path 
                **({"evidence_sentences": len({e["text"] for e in task.evidence}),
                    "evidence_quoted": evidence_quoted(task.evidence, result.messages)}
                   if task.family in QUOTING_FAMILIES else {}),
+               "first_miss": first_miss(task.evidence, result.messages, task.family in QUOTING_FAMILIES),
                **{k: v for k, v in result.summary().items() if k not in ("question", "answer", "content")}}
         rows.append(row)
         on_task and on_task(row)
@@ -118,7 +134,7 @@ def summarize(rows: list[dict], seconds: float | None = None) -> dict:
     ended with an answer (`completed`), steps and tool calls per task, the share of well-formed calls
     (None when no call was made), the gold evidence documents opened in order (`evidence_followed`: the
     mean share; its median count beside the median count there was to open), the gold sentences written
-    word for word (`evidence_quoted`: the mean share), where the wrong runs fell short (`wrong`, where_wrong),
+    word for word (`evidence_quoted`: the mean share), where the wrong runs fell short (`wrong`: where_wrong),
     token totals and time."""
     n = len(rows)
     if n == 0:
@@ -141,7 +157,7 @@ def summarize(rows: list[dict], seconds: float | None = None) -> dict:
         **({"evidence_quoted": sum(r["evidence_quoted"] / max(r["evidence_sentences"], 1) for r in rows) / n}
            if all("evidence_quoted" in r for r in rows) else {}),
         **({"wrong": dict(Counter(where_wrong(r) for r in rows if not r["correct"]))}
-           if all("evidence_docs" in r for r in rows) else {}),
+           if all("first_miss" in r for r in rows) else {}),
         "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "cached_tokens": sum(r["cached_tokens"] for r in rows),
         "completion_tokens": sum(r["completion_tokens"] for r in rows),

@@ -21,7 +21,7 @@ from nanok2.chat import StreamParser, render
 from nanok2.cli import main
 from nanok2.context import PLACEHOLDER
 from nanok2.eval_world import (QUOTING_FAMILIES, answer_key, evidence_chain, evidence_followed, evidence_quoted,
-                               is_correct, opened_docids, summarize, where_wrong)
+                               first_miss, is_correct, opened_docids, summarize, where_wrong)
 from nanok2.world import SYSTEM_PROMPT, Toolbox, build_world, make_tasks
 
 
@@ -438,17 +438,29 @@ def test_eval_counts_the_gold_sentences_a_run_quoted_and_where_wrong_runs_fell_s
     assert evidence_quoted(ev, messages) == 1
     messages.append({"role": "assistant", "content": "Explanation: B was founded in 1801.\nExact Answer: 1801"})
     assert evidence_quoted(ev, messages) == 2
-    row = {"answer": "x", "correct": False, "evidence_docs": 2, "evidence_followed": 2, "evidence_sentences": 2}
-    assert where_wrong({**row, "answer": None, "evidence_followed": 0, "evidence_quoted": 0}) == "no_answer"
-    assert where_wrong({**row, "evidence_followed": 1, "evidence_quoted": 2}) == "not_opened"
-    assert where_wrong({**row, "evidence_quoted": 1}) == "not_quoted"
-    assert where_wrong({**row, "evidence_quoted": 2}) == "quoted_all"
-    trail = {k: v for k, v in row.items() if k != "evidence_sentences"}        # trails are not scored on quotes
-    assert where_wrong(trail) == "opened_all"
+    def opening(*docids):
+        return {"role": "assistant", "tool_calls": [{"id": f"functions.open:{i}", "type": "function", "function": {
+            "name": "open", "arguments": json.dumps({"docid": d})}} for i, d in enumerate(docids)]}
+    hop1 = {"role": "assistant", "reasoning_content": 'The article says: "A worked for B."'}
+    assert first_miss(ev, [opening("d1", "d2"), hop1], quoting=True) == "not_quoted"     # the second sentence
+    assert first_miss(ev, [opening("d1"), hop1], quoting=True) == "not_opened"
+    # a wrong sentence at the first hop, so the second page was never opened: the quote is what was missed
+    assert first_miss(ev, [opening("d1"), {"role": "assistant", "content": "A was born in C."}], True) == "not_quoted"
+    assert first_miss(ev, [opening("d1", "d2")], quoting=False) is None                 # trails: pages only
+    assert first_miss(ev, messages + [opening("d2", "d1")], quoting=True) is None
+    row = {"answer": "x", "correct": False, "evidence_docs": 2, "evidence_followed": 2, "evidence_sentences": 2,
+           "evidence_quoted": 1}
+    assert where_wrong({**row, "answer": None, "first_miss": "not_opened"}) == "no_answer"
+    assert where_wrong({**row, "first_miss": "not_opened"}) == "not_opened"
+    assert where_wrong({**row, "first_miss": "not_quoted"}) == "not_quoted"
+    assert where_wrong({**row, "first_miss": None}) == "quoted_all"
+    trail = {k: v for k, v in row.items() if k not in ("evidence_sentences", "evidence_quoted")}
+    assert where_wrong({**trail, "first_miss": None}) == "opened_all"                  # trails are not scored on quotes
     base = {"steps": 1, "tool_calls": 1, "valid_tool_calls": 1, "gold_tool_calls": 4, "prompt_tokens": 1,
             "cached_tokens": 0, "completion_tokens": 1, "seconds": 1.0, "stop_reason": "final"}
-    s = summarize([{**base, **row, "evidence_quoted": 1}, {**base, **row, "evidence_quoted": 2},
-                   {**base, **row, "evidence_quoted": 2, "correct": True}])
+    s = summarize([{**base, **row, "first_miss": "not_quoted"},
+                   {**base, **row, "evidence_quoted": 2, "first_miss": None},
+                   {**base, **row, "evidence_quoted": 2, "first_miss": None, "correct": True}])
     assert s["evidence_quoted"] == pytest.approx((0.5 + 1 + 1) / 3)
     assert s["wrong"] == {"not_quoted": 1, "quoted_all": 1}
 
